@@ -1,0 +1,259 @@
+"""Typed experiment configs: one YAML file = one experiment.
+
+`load_config(path, overrides)` merges the YAML and `key=value` overrides into the `Config` schema below
+(OmegaConf structured configs) and validates it. An unknown key, a value of the wrong type or an invalid
+choice raises `ConfigError` naming the key and the valid keys or choices; nothing falls back silently.
+
+Every path is an fsspec URL: a local path or `s3://bucket/prefix`. Each section belongs to one layer; a
+layer reads only its own section (plus `storage`/`ray`), so sections can grow without touching others.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from pipeline.errors import UserError
+from pipeline.storage import join as join_url
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG = "configs/demo.yaml"
+
+
+class ConfigError(UserError):
+    """A config that does not fit the schema; the message names the key and what is allowed."""
+
+
+@dataclass
+class StorageConfig:
+    # S3-compatible endpoint (MinIO, moto, R2...). None = AWS. Credentials never live in configs: they come
+    # from the standard AWS environment variables / instance roles.
+    s3_endpoint_url: Optional[str] = None
+    s3_region: str = "us-east-1"
+
+
+@dataclass
+class RayConfig:
+    # "local" starts a Ray instance in this process; "auto" joins the cluster this node belongs to;
+    # "ray://head:10001" connects a client to a remote cluster.
+    address: str = "local"
+    num_cpus: Optional[int] = None
+    include_dashboard: bool = False
+
+
+@dataclass
+class DataConfig:
+    source: str = "fashion_mnist"  # fashion_mnist | image_folder
+    input: str = "/usr/share/datasets/fashion-mnist"
+    # split name -> number of samples to take (0 = all). For image_folder, the split name is the sub-folder.
+    splits: Dict[str, int] = field(default_factory=lambda: {"train": 20000, "test": 2000})
+    samples_per_shard: int = 1000
+    image_format: str = "png"  # how raw arrays (IDX) are encoded into the shards: png | jpg
+
+
+@dataclass
+class EmbedConfig:
+    encoder: str = "efficientnet_lite0"
+    pretrained: bool = True  # False = randomly initialised weights of the real architecture (tests, offline)
+    image_size: Optional[int] = None  # None = the encoder's native input size
+    batch_size: int = 32
+    num_actors: int = 1  # encoder actors; with GPUs, one GPU each
+    cpus_per_actor: float = 1.0
+    device: str = "auto"  # auto | cpu | cuda
+    preprocess_batch_size: int = 64
+    rows_per_part: int = 4096
+
+
+@dataclass
+class IndexConfig:
+    num_shards: int = 2
+    index_key: Optional[str] = None  # explicit faiss index factory string; None = autofaiss chooses
+    max_index_memory: str = "256MiB"  # autofaiss memory budget for the whole index
+    memory_per_node: str = "16GiB"  # RAM a shard searcher may use; build refuses plans that do not fit
+    train_sample: int = 100000
+    metric: str = "ip"  # ip (cosine on L2-normalised features) | l2
+    target_recall: float = 0.95  # recall@10 target used to choose nprobe
+    max_latency_ms: float = 50.0
+    recall_queries: int = 500
+    gpu: bool = False
+
+
+@dataclass
+class MemoryConfig:
+    k: int = 10
+    method: str = "plurality"  # plurality | distance | softmax | rank | soft_*
+    xi: float = 1.0
+    tau: float = 0.07
+    alpha: float = 2.0
+    compact_threshold: float = 0.2  # a shard with >= this deleted ratio triggers compaction
+    delta_compact_items: int = 100000  # a delta bigger than this triggers compaction
+    grace_period_s: float = 0.0  # superseded files are erased this long after compaction
+    prune_k: int = 10
+    hard_prune_threshold: int = 128
+
+
+@dataclass
+class ServeConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    token: Optional[str] = None  # bearer token for mutations; env VMEM_TOKEN wins if set
+    protect_reads: bool = False
+    max_request_bytes: int = 10_000_000
+    max_k: int = 1000
+    shard_replicas: int = 1
+    autoscaling: bool = False
+    max_replicas: int = 4
+
+
+@dataclass
+class EvalConfig:
+    split: str = "test"
+    ks: List[int] = field(default_factory=lambda: [1, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100])
+    methods: List[str] = field(default_factory=lambda: ["plurality", "distance", "softmax", "rank"])
+    max_queries: int = 0  # 0 = the whole split
+
+
+@dataclass
+class DemoConfig:
+    examples: int = 3  # query -> neighbour examples printed by `vmem demo`
+    k: int = 10
+
+
+@dataclass
+class Config:
+    name: str = "demo"
+    workdir: str = MISSING  # fsspec URL under which shards, embeddings and the memory live
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
+
+    # Derived locations: one place decides where each stage's output lives.
+    def shards_dir(self, split: str) -> str:
+        return join_url(self.workdir, "shards", split)
+
+    def embeddings_dir(self, split: str) -> str:
+        return join_url(self.workdir, "embeddings", split)
+
+    @property
+    def memory_dir(self) -> str:
+        return join_url(self.workdir, "memory")
+
+
+# Choices checked at load; registries (encoders, vote methods) check their own names when used.
+CHOICES = {
+    "data.source": ("fashion_mnist", "image_folder"),
+    "data.image_format": ("png", "jpg"),
+    "embed.device": ("auto", "cpu", "cuda"),
+    "index.metric": ("ip", "l2"),
+}
+POSITIVE = ("data.samples_per_shard", "embed.batch_size", "embed.num_actors", "index.num_shards",
+            "memory.k", "embed.rows_per_part", "embed.preprocess_batch_size")
+
+
+def _fields(node_type: type) -> List[str]:
+    return [f.name for f in dataclasses.fields(node_type)]
+
+
+def _schema_for(dotted: str) -> Optional[type]:
+    """The dataclass that holds the last component of `dotted` (to list the valid keys in errors)."""
+    t: Any = Config
+    for part in dotted.split(".")[:-1]:
+        t = typing.get_type_hints(t).get(part)
+        if not dataclasses.is_dataclass(t):
+            return None
+    return t
+
+
+def _explain(err: OmegaConfBaseException, dotted: Optional[str] = None) -> ConfigError:
+    key = getattr(err, "full_key", None) or dotted or "?"
+    schema = _schema_for(key)
+    msg = str(err).splitlines()[0]
+    if schema is not None and key.split(".")[-1] not in _fields(schema):
+        section = ".".join(key.split(".")[:-1]) or "<top level>"
+        return ConfigError(f"unknown config key '{key}': valid keys in {section} are {', '.join(_fields(schema))}")
+    return ConfigError(f"invalid value for config key '{key}': {msg}")
+
+
+def _select(cfg: Config, dotted: str) -> Any:
+    value: Any = cfg
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _check(cfg: Config) -> None:
+    for dotted, valid in CHOICES.items():
+        value = _select(cfg, dotted)
+        if value not in valid:
+            raise ConfigError(f"invalid value {value!r} for config key '{dotted}': choose one of {', '.join(valid)}")
+    for dotted in POSITIVE:
+        value = _select(cfg, dotted)
+        if value is None or value <= 0:
+            raise ConfigError(f"config key '{dotted}' must be > 0, got {value!r}")
+    if not 0 < cfg.index.target_recall <= 1:
+        raise ConfigError(f"config key 'index.target_recall' must be in (0, 1], got {cfg.index.target_recall}")
+
+
+def resolve_config_path(path: Optional[str]) -> Path:
+    """The config file to load: the given path, else the embedded default `configs/demo.yaml`."""
+    candidate = Path(path or DEFAULT_CONFIG)
+    if candidate.exists():
+        return candidate
+    in_repo = REPO_ROOT / candidate
+    if in_repo.exists():
+        return in_repo
+    raise ConfigError(f"config file not found: {candidate}")
+
+
+def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Config:
+    """Load a YAML config into the typed schema, apply `key=value` overrides, validate, return a `Config`."""
+    schema = OmegaConf.structured(Config)
+    cfg_path = resolve_config_path(path)
+    try:
+        file_cfg = OmegaConf.load(cfg_path)
+    except Exception as e:  # yaml syntax errors
+        raise ConfigError(f"cannot parse {cfg_path}: {e}") from e
+    try:
+        merged = OmegaConf.merge(schema, file_cfg)
+    except OmegaConfBaseException as e:
+        raise _explain(e) from e
+    for ov in overrides:
+        if "=" not in ov:
+            raise ConfigError(f"override {ov!r} is not of the form key=value (e.g. embed.batch_size=16)")
+        key, _, raw = ov.partition("=")
+        try:
+            merged.merge_with(OmegaConf.from_dotlist([f"{key}={raw}"]))
+        except OmegaConfBaseException as e:
+            raise _explain(e, key) from e
+    if OmegaConf.is_missing(merged, "workdir"):
+        raise ConfigError("config key 'workdir' is required (a local path or s3://bucket/prefix)")
+    cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    _check(cfg)
+    return cfg
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def from_dict(d: Dict[str, Any]) -> Config:
+    """Rebuild a Config from `dataclasses.asdict` output (used to ship configs to Ray workers)."""
+    merged = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(d))
+    return OmegaConf.to_object(merged)  # type: ignore[return-value]
+
+
+def env_token(cfg: Config) -> Optional[str]:
+    """The Serve bearer token: the VMEM_TOKEN environment variable wins over the config."""
+    return os.environ.get("VMEM_TOKEN") or cfg.serve.token
