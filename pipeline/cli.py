@@ -37,50 +37,13 @@ def command(name: str, help: str, example: str, add_args=None, needs_config: boo
     return wrap
 
 
-# --------------------------------------------------------------------------------------------- data / embed
-def _shards_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--split", action="append", help="only these splits (default: all in data.splits)")
-
-
-@command("shards", "write WebDataset tar shards from Fashion-MNIST IDX files or an image-folder tree",
-         "vmem shards --config configs/demo.yaml data.splits.train=1000 data.splits.test=200", _shards_args)
-def cmd_shards(cfg: Config, args: argparse.Namespace) -> int:
-    from pipeline.data.shards import write_shards
-
-    splits = args.split or list(cfg.data.splits)
-    for split in splits:
-        report = write_shards(cfg, split)
-        print(report.summary())
-    return 0
-
-
-def _embed_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--split", action="append", help="only these splits (default: all in data.splits)")
-
-
-@command("embed", "embed WebDataset shards with a frozen encoder on Ray into Parquet parts (resumable)",
-         "vmem embed --config configs/demo.yaml embed.batch_size=16", _embed_args)
-def cmd_embed(cfg: Config, args: argparse.Namespace) -> int:
-    from pipeline.embed.stage import embed_split
-    from pipeline.runtime import init_ray
-
-    init_ray(cfg)
-    for split in args.split or list(cfg.data.splits):
-        report = embed_split(cfg, split)
-        print(report.summary())
-    return 0
-
-
-# --------------------------------------------------------------------------------------------------- demo
-@command("demo", "the whole pipeline on the embedded default: shards -> embed -> memory -> classify",
-         "vmem demo data.splits.train=5000 data.splits.test=500")
-def cmd_demo(cfg: Config, args: argparse.Namespace) -> int:
-    from pipeline.demo import run_demo
-
-    return run_demo(cfg)
+def _load_commands() -> None:
+    # Each layer's subcommands live in pipeline/commands/<layer>.py and register themselves on import.
+    import pipeline.commands  # noqa: F401
 
 
 def build_parser() -> argparse.ArgumentParser:
+    _load_commands()
     parser = argparse.ArgumentParser(
         prog="vmem",
         description="visual-memory: classify images by similarity + search over an editable kNN memory.",
