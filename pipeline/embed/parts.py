@@ -1,0 +1,98 @@
+"""Embedding Parquet parts: the schema every stage agrees on, and readers/writers for it.
+
+A part holds rows of (id, key, label, label_name, source, shard, embedding). `embedding` is an Arrow
+fixed-size list of float32, so a part maps straight to an (n, dim) numpy array without copies per row.
+"""
+from __future__ import annotations
+
+import io
+from typing import Dict, Iterator, List, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import storage
+from pipeline.errors import DataError, NotFound
+
+META_COLUMNS = ("id", "key", "label", "label_name", "source", "shard")
+PART_PREFIX = "part-"
+MANIFEST_NAME = "_manifest.json"
+
+
+def schema(dim: int) -> pa.Schema:
+    return pa.schema([
+        ("id", pa.int64()), ("key", pa.string()), ("label", pa.int64()), ("label_name", pa.string()),
+        ("source", pa.string()), ("shard", pa.string()), ("embedding", pa.list_(pa.float32(), dim)),
+    ])
+
+
+def check_vectors(x: np.ndarray, dim: Optional[int] = None, what: str = "embeddings") -> np.ndarray:
+    """Return `x` as C-contiguous float32 (n, d); refuse wrong shapes, wrong dimension and NaN/inf values."""
+    x = np.asarray(x)
+    if x.ndim == 1:
+        x = x[None, :]
+    if x.ndim != 2:
+        raise DataError(f"{what} must be a 2-D array (n, dim), got shape {x.shape}")
+    if dim is not None and x.shape[1] != dim:
+        raise DataError(f"{what} have dimension {x.shape[1]}, but this memory expects {dim}")
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    bad = ~np.isfinite(x).all(axis=1)
+    if bad.any():
+        raise DataError(f"{what} contain NaN or infinite values in {int(bad.sum())} row(s), first at row "
+                        f"{int(np.flatnonzero(bad)[0])}; refusing to store or search them")
+    return x
+
+
+def to_table(meta: Dict[str, List], embeddings: np.ndarray) -> pa.Table:
+    """Build a part table from metadata columns (META_COLUMNS) and an (n, dim) float32 array."""
+    x = check_vectors(embeddings)
+    n, dim = x.shape
+    for c in META_COLUMNS:
+        if len(meta[c]) != n:
+            raise DataError(f"column {c!r} has {len(meta[c])} values for {n} embeddings")
+    emb = pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1), pa.float32()), dim)
+    cols = [pa.array(meta[c], type=schema(dim).field(c).type) for c in META_COLUMNS]
+    return pa.Table.from_arrays(cols + [emb], schema=schema(dim))
+
+
+def embeddings_of(table: pa.Table) -> np.ndarray:
+    """The (n, dim) float32 matrix of a part table (zero-copy where Arrow allows)."""
+    col = table.column("embedding").combine_chunks()
+    dim = col.type.list_size
+    return col.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim).astype(np.float32, copy=False)
+
+
+def write_part(table: pa.Table, url: str) -> None:
+    """Write one part atomically (a reader never sees half a Parquet file under its final name)."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    storage.atomic_write_bytes(url, buf.getvalue())
+
+
+def part_urls(dir_url: str) -> List[str]:
+    return [storage.join(dir_url, n) for n in storage.listdir(dir_url)
+            if n.startswith(PART_PREFIX) and n.endswith(".parquet")]
+
+
+def read_part(url: str, columns: Optional[List[str]] = None) -> pa.Table:
+    fs, path = storage.filesystem(url)
+    with fs.open(path, "rb") as f:
+        return pq.read_table(f, columns=columns)
+
+
+def read_embeddings(dir_url: str, columns: Optional[List[str]] = None) -> pa.Table:
+    """All parts under `dir_url` as one table (sorted by part name, so the order is deterministic)."""
+    urls = part_urls(dir_url)
+    if not urls:
+        raise NotFound(f"no embedding parts under {dir_url}: run `vmem embed` first")
+    return pa.concat_tables([read_part(u, columns) for u in urls])
+
+
+def iter_embedding_batches(dir_url: str, batch_rows: int = 65536,
+                           columns: Optional[List[str]] = None) -> Iterator[pa.Table]:
+    """Stream the parts under `dir_url` in tables of at most `batch_rows` rows."""
+    for url in part_urls(dir_url):
+        table = read_part(url, columns)
+        for start in range(0, table.num_rows, batch_rows):
+            yield table.slice(start, batch_rows)
