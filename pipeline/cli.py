@@ -91,4 +91,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run through the imported module so that commands register on the same COMMANDS as `vmem`.
+    from pipeline.cli import main as _main
+
+    sys.exit(_main())
