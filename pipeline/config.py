@@ -68,6 +68,8 @@ class EmbedConfig:
     device: str = "auto"  # auto | cpu | cuda
     preprocess_batch_size: int = 64
     rows_per_part: int = 4096
+    torch_threads: Optional[int] = None  # intra-op threads per encoder actor; None = torch's default (all cores)
+    max_failed_shards: int = 0  # tars that may fail to read (e.g. truncated) before the stage gives up
 
 
 @dataclass
@@ -81,6 +83,10 @@ class IndexConfig:
     target_recall: float = 0.95  # recall@10 target used to choose nprobe
     max_latency_ms: float = 50.0
     recall_queries: int = 500
+    # embeddings split whose vectors serve as held-out recall queries when present (else base vectors that
+    # were not in the training sample)
+    recall_split: Optional[str] = "test"
+    build_batch_rows: int = 65536  # rows per batch when populating shards
     gpu: bool = False
 
 

@@ -1,7 +1,197 @@
-"""`vmem` subcommands of the memory layer."""
+"""`vmem` subcommands of the memory layer (classify, explain, add, delete, compact, prune, intervene, stats)
+and of evaluation (eval)."""
 from __future__ import annotations
 
 import argparse
+import json
 
-from pipeline.cli import command  # noqa: F401
+from pipeline.cli import command
 from pipeline.config import Config
+from pipeline.errors import UserError
+
+
+def _open(cfg: Config):
+    from pipeline import storage
+    from pipeline.memory.memory import VisualMemory
+
+    storage.configure(cfg.storage)
+    return VisualMemory.open(cfg.memory_dir, cfg=cfg)
+
+
+def _query_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("images", nargs="*", help="image files (local or s3://)")
+    p.add_argument("--vectors", help="an .npy file of (n, dim) embeddings instead of images")
+    p.add_argument("--k", type=int, help="neighbours (default memory.k)")
+    p.add_argument("--method", help="vote method (default memory.method)")
+    p.add_argument("--json", action="store_true", help="print full JSON (neighbours included)")
+
+
+def _inputs(args):
+    images = [a for a in args.images if "=" not in a]
+    if args.vectors:
+        import numpy as np
+
+        return None, np.load(args.vectors)
+    if not images:
+        raise UserError("give image files or --vectors F.npy")
+    return images, None
+
+
+@command("classify", "classify images (or embedding vectors) by a kNN vote over the memory",
+         "vmem classify --vectors work/queries.npy --k 10 --method rank", _query_args)
+def cmd_classify(cfg: Config, args: argparse.Namespace) -> int:
+    mem = _open(cfg)
+    images, vectors = _inputs(args)
+    preds = mem.classify(images=images, embeddings=vectors, k=args.k, method=args.method)
+    names = images or [f"vector[{i}]" for i in range(len(preds))]
+    for name, p in zip(names, preds):
+        if args.json:
+            print(json.dumps({"input": name, **p.to_dict()}))
+        else:
+            top = ", ".join(f"{n}={s:.3g}" for n, s in list(p.scores.items())[:3])
+            print(f"{name}\t{p.label_name}\t({p.method}: {top})")
+    return 0
+
+
+def _explain_args(p: argparse.ArgumentParser) -> None:
+    _query_args(p)
+    p.add_argument("-o", "--out", default="explain.png", help="PNG sheet to write")
+
+
+@command("explain", "write a picture of a query beside its neighbours, their distances, weights and votes",
+         "vmem explain photo.png -o sheet.png --k 10", _explain_args)
+def cmd_explain(cfg: Config, args: argparse.Namespace) -> int:
+    mem = _open(cfg)
+    images, vectors = _inputs(args)
+    pred = mem.explain(image=images[0] if images else None, embedding=None if vectors is None else vectors[:1],
+                       k=args.k, method=args.method, out=args.out)
+    print(f"{pred.label_name}\t{args.out}")
+    return 0
+
+
+def _add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("images", nargs="*", help="image files")
+    p.add_argument("--vectors", help=".npy embeddings instead of images")
+    p.add_argument("--label", type=int, action="append", required=True, help="label (once, or once per item)")
+    p.add_argument("--label-name", help="name of the label (new classes)")
+    p.add_argument("--key", action="append", help="external key per item (default: the file name)")
+    p.add_argument("--source", default="cli")
+
+
+@command("add", "add labelled images or vectors to the memory (durable, visible to the next query)",
+         "vmem add new.png --label 10 --label-name novel --key new-0001", _add_args)
+def cmd_add(cfg: Config, args: argparse.Namespace) -> int:
+    mem = _open(cfg)
+    images, vectors = _inputs(args)
+    n = len(images) if images else len(vectors)
+    labels = args.label * n if len(args.label) == 1 else args.label
+    keys = args.key or (images if images else None)
+    if keys is None:
+        raise UserError("--key is required (once per vector) when adding --vectors")
+    names = [args.label_name] * n if args.label_name else None
+    ids = mem.add(images=images, embeddings=vectors, labels=labels, keys=keys, label_names=names,
+                  sources=[args.source] * n)
+    for k, i in zip(keys, ids):
+        print(f"{i}\t{k}")
+    mem.close()
+    return 0
+
+
+def _delete_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--id", type=int, action="append", help="item id (repeatable)")
+    p.add_argument("--label", type=int, help="delete every item with this label")
+    p.add_argument("--source", help="delete every item from this source")
+
+
+@command("delete", "delete items by id, label or source (durable; invisible to the next query)",
+         "vmem delete --id 123456789", _delete_args)
+def cmd_delete(cfg: Config, args: argparse.Namespace) -> int:
+    mem = _open(cfg)
+    n = mem.delete(ids=args.id, label=args.label, source=args.source)
+    print(f"deleted {n} item(s); {mem.stats()['tombstones']} tombstones pending compaction")
+    mem.close()
+    return 0
+
+
+def _compact_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--force", action="store_true", help="rewrite every shard even without changes")
+
+
+@command("compact", "fold added items and deletions into new shards (manifest v+1) and erase deleted data",
+         "vmem compact", _compact_args)
+def cmd_compact(cfg: Config, args: argparse.Namespace) -> int:
+    report = _open(cfg).compact(force=args.force)
+    print(json.dumps(report, indent=1, default=str) if report else "nothing to compact")
+    return 0
+
+
+def _prune_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-hard", action="store_true", help="skip hard pruning (tombstones)")
+    p.add_argument("--no-soft", action="store_true", help="skip soft pruning (gamma overlay)")
+    p.add_argument("--threshold", type=int, help="hard pruning threshold (default memory.hard_prune_threshold)")
+    p.add_argument("--dry-run", action="store_true")
+
+
+@command("prune", "query the memory against itself on Ray; hard-prune (tombstone) and soft-prune (gamma)",
+         "vmem prune --threshold 128", _prune_args)
+def cmd_prune(cfg: Config, args: argparse.Namespace) -> int:
+    r = _open(cfg).prune(hard=not args.no_hard, soft=not args.no_soft, threshold=args.threshold,
+                         dry_run=args.dry_run)
+    print(json.dumps({k: v for k, v in r.items() if k not in ("v_soft", "v_hard", "ids")}, indent=1))
+    return 0
+
+
+def _pairs(values, key_type, what):
+    out = {}
+    for v in values or []:
+        k, sep, w = v.partition(":")
+        if not sep:
+            raise UserError(f"{what} must look like KEY:VALUE, got {v!r}")
+        out[key_type(k)] = float(w) if what != "--relabel" else int(w)
+    return out
+
+
+def _intervene_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--item", action="append", help="ID:WEIGHT multiplier of one item's votes")
+    p.add_argument("--label-weight", action="append", help="LABEL:WEIGHT multiplier of a class's votes")
+    p.add_argument("--source-weight", action="append", help="SOURCE:WEIGHT multiplier of a source's votes")
+    p.add_argument("--relabel", action="append", help="ID:LABEL override of an item's label")
+    p.add_argument("--clear", action="store_true", help="start from no interventions")
+
+
+@command("intervene", "weight or relabel items, classes or sources in the vote (versioned overlay)",
+         "vmem intervene --label-weight 3:0.5 --source-weight web:0", _intervene_args)
+def cmd_intervene(cfg: Config, args: argparse.Namespace) -> int:
+    v = _open(cfg).intervene(item_weights=_pairs(args.item, int, "--item"),
+                             label_weights=_pairs(args.label_weight, int, "--label-weight"),
+                             source_weights=_pairs(args.source_weight, str, "--source-weight"),
+                             relabel=_pairs(args.relabel, int, "--relabel"), clear=args.clear)
+    print(f"interventions version {v}")
+    return 0
+
+
+@command("stats", "items, live items, shards, tombstones, delta, version, encoder of the memory", "vmem stats")
+def cmd_stats(cfg: Config, args: argparse.Namespace) -> int:
+    print(json.dumps(_open(cfg).stats(), indent=1))
+    return 0
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--study", choices=["add_class", "delete_class", "pruning"], help="run a study instead")
+    p.add_argument("--label", type=int, help="class for add_class / delete_class (default: first query's)")
+    p.add_argument("--no-exact", action="store_true", help="skip the exact (flat) search baseline")
+
+
+@command("eval", "accuracy@k of every vote method (ANN and exact) over eval.split; CSV + PNG; or a study",
+         "vmem eval eval.max_queries=500", _eval_args)
+def cmd_eval(cfg: Config, args: argparse.Namespace) -> int:
+    if args.study:
+        from pipeline.eval.studies import format_study, run_study
+
+        print(format_study(run_study(cfg, args.study, args.label)))
+        return 0
+    from pipeline.eval.accuracy import evaluate
+
+    table = evaluate(cfg, _open(cfg), exact=not args.no_exact)
+    print(table.format())
+    return 0

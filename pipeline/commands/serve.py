@@ -3,5 +3,15 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.cli import command  # noqa: F401
+from pipeline.cli import command
 from pipeline.config import Config
+
+
+@command("serve", help="serve the memory over HTTP (Ray Serve: shard + router deployments, JSON API, web "
+                       "explorer at /, OpenAPI at /docs); mutations need VMEM_TOKEN",
+         example="VMEM_TOKEN=change-me vmem serve --config configs/demo.yaml serve.port=8000")
+def serve_cmd(cfg: Config, args: argparse.Namespace) -> int:
+    from pipeline.serve.server import start
+
+    start(cfg, blocking=True)
+    return 0

@@ -1,0 +1,10 @@
+"""The memory layer: votes, VisualMemory (classify/search/explain/add/delete), tombstones, delta, compaction,
+pruning, interventions. `from pipeline.memory import VisualMemory` is the entry point (imported lazily)."""
+
+
+def __getattr__(name):
+    if name in ("VisualMemory", "Prediction", "Neighbor"):
+        from pipeline.memory import memory, results
+
+        return getattr(memory, name, None) or getattr(results, name)
+    raise AttributeError(name)

@@ -1,0 +1,333 @@
+"""`build_memory(cfg, split)`: embeddings -> one trained IVF index -> N populated shards -> manifest vN.
+
+Steps (each a logged phase):
+ 1. scan the embedding parts (ids only): n, dim, a fingerprint of the inputs; ids must be unique.
+ 2. choose the key (`pipeline.index.keys`): explicit `index.index_key`, else autofaiss's choice under
+    `index.max_index_memory` passed through the IVF rule; refuse (UserError with numbers) if one shard will not
+    fit `index.memory_per_node` (`pipeline.index.plan`'s estimate).
+ 3. train on a random sample of `index.train_sample` vectors (`pipeline.index.train.train_index`) and store the
+    trained EMPTY index at `trained/<sha256>.index`.
+ 4. populate `index.num_shards` shards in parallel as Ray tasks: shard s holds the items with id % N == s, added
+    with `add_with_ids` under their external ids; files written atomically, see `pipeline.index.shard`.
+ 5. measure recall@10/@100 against exact search on held-out queries, choose nprobe (`pipeline.index.recall`).
+ 6. commit the manifest (`ManifestStore.commit`): only now does the new version become CURRENT.
+
+Resume: the new version's folder `shards/vN/` gets `_build.json` (inputs fingerprint, key, trained index) before
+populating and `shard-XXX.done.json` after each shard. A re-run with the same inputs reuses the trained index and
+every finished shard whose files still match their checksums. A build killed at any point leaves CURRENT (and
+every file it references) untouched.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import storage
+from pipeline.embed.parts import MANIFEST_NAME, embeddings_of, iter_embedding_batches, part_urls
+from pipeline.errors import DataError, NotFound, UserError
+from pipeline.index import train as tr
+from pipeline.index.keys import autofaiss_key, bytes_per_shard, key_cost, resolve_index_key
+from pipeline.index.manifest import Manifest, ManifestStore, ShardEntry, version_name
+from pipeline.index.recall import choose_nprobe, exact_knn, format_table, recall_table
+from pipeline.index.shard import read_index, save_shard, sha256_bytes, verify
+from pipeline.index.units import format_bytes, parse_bytes
+from pipeline.runtime import phase
+
+log = logging.getLogger("vmem.index")
+SEED = 0
+
+
+# ---------------------------------------------------------------- inputs
+
+def scan_inputs(emb_dir: str) -> Tuple[np.ndarray, int, str]:
+    """(ids in storage order, dim, fingerprint of the parts: names + sizes)."""
+    urls = part_urls(emb_dir)
+    if not urls:
+        raise NotFound(f"no embedding parts under {emb_dir}: run `vmem embed` first")
+    ids, dim, sig = [], None, []
+    for url in urls:
+        fs, path = storage.filesystem(url)
+        with fs.open(path, "rb") as f:
+            pf = pq.ParquetFile(f)
+            dim = pf.schema_arrow.field("embedding").type.list_size
+            ids.append(pf.read(columns=["id"]).column("id").to_numpy())
+        sig.append([url.rsplit("/", 1)[-1], fs.info(path)["size"]])
+    all_ids = np.concatenate(ids).astype(np.int64)
+    uniq, counts = np.unique(all_ids, return_counts=True)
+    if len(uniq) != len(all_ids):
+        raise DataError(f"{len(all_ids) - len(uniq)} duplicate ids in {emb_dir} (e.g. id {uniq[counts > 1][0]}): "
+                        f"ids must be unique; re-run `vmem embed`")
+    fingerprint = hashlib.sha256(json.dumps([sig, int(dim)]).encode()).hexdigest()
+    return all_ids, int(dim), fingerprint
+
+
+def gather_rows(emb_dir: str, positions: np.ndarray, batch_rows: int) -> Tuple[np.ndarray, np.ndarray]:
+    """(vectors, ids) at global row `positions` (sorted) of the parts, in one streaming pass."""
+    positions = np.sort(positions)
+    xs, ids, start = [], [], 0
+    for batch in iter_embedding_batches(emb_dir, batch_rows, columns=["id", "embedding"]):
+        end = start + batch.num_rows
+        lo, hi = np.searchsorted(positions, [start, end])
+        if hi > lo:
+            take = pa.array(positions[lo:hi] - start)
+            sub = batch.take(take)
+            xs.append(embeddings_of(sub))
+            ids.append(sub.column("id").to_numpy())
+        start = end
+    return np.concatenate(xs), np.concatenate(ids).astype(np.int64)
+
+
+def encoder_info(emb_dir: str) -> Dict[str, Any]:
+    """Encoder facts from the embeddings `_manifest.json` (name, image_size, preprocessing) when present."""
+    url = storage.join(emb_dir, MANIFEST_NAME)
+    if not storage.exists(url):
+        return {}
+    try:
+        m = storage.read_json(url)
+    except Exception as e:  # a broken side file must not block a build; the vectors are what matter
+        log.warning("cannot read %s (%s): manifest will carry no encoder info", url, e)
+        return {}
+    enc = m.get("encoder", {})
+    info = dict(enc) if isinstance(enc, dict) else {"name": enc}
+    for k in ("image_size", "preprocessing", "preprocess", "dim", "pretrained"):
+        if k in m and k not in info:
+            info[k] = m[k]
+    return info
+
+
+def query_vectors(cfg, emb_dir: str, n: int, dim: int, train_pos: np.ndarray) -> Tuple[np.ndarray, str]:
+    """Held-out recall queries: the `index.recall_split` embeddings if present, else base rows not trained on."""
+    nq = int(cfg.index.recall_queries)
+    rng = np.random.default_rng(SEED + 1)
+    split = cfg.index.recall_split
+    if split:
+        qdir = cfg.embeddings_dir(split)
+        if qdir.rstrip("/") != emb_dir.rstrip("/") and part_urls(qdir):
+            try:
+                q_ids, qdim, _ = scan_inputs(qdir)
+                if qdim == dim:
+                    pos = rng.choice(len(q_ids), size=min(nq, len(q_ids)), replace=False)
+                    return gather_rows(qdir, pos, cfg.index.build_batch_rows)[0], f"split {split}"
+            except UserError as e:
+                log.warning("recall split %s unusable (%s): using base vectors", split, e)
+    rest = np.setdiff1d(np.arange(n), train_pos)
+    pool = rest if len(rest) >= min(nq, n) else np.arange(n)
+    pos = rng.choice(pool, size=min(nq, len(pool)), replace=False)
+    return gather_rows(emb_dir, pos, cfg.index.build_batch_rows)[0], "base vectors not in the training sample"
+
+
+# ---------------------------------------------------------------- shard population (Ray task body)
+
+def populate_shard(memory_dir: str, version: int, shard: int, num_shards: int, trained_url: str,
+                   trained_sha: str, emb_dir: str, batch_rows: int) -> Dict[str, Any]:
+    """Fill one shard (ids with id % num_shards == shard) from the trained index; write it; return its entry."""
+    index = read_index(trained_url, trained_sha, mmap=False)
+    metas = []
+    for batch in iter_embedding_batches(emb_dir, batch_rows):
+        mask = tr.shard_of(batch.column("id").to_numpy(), num_shards) == shard
+        sub = batch.filter(pa.array(mask))
+        if sub.num_rows == 0:
+            continue
+        tr.add_vectors(index, embeddings_of(sub), sub.column("id").to_numpy())
+        metas.append(sub.drop_columns(["embedding"]))
+    meta = pa.concat_tables(metas) if metas else _empty_meta()
+    entry = save_shard(memory_dir, version, shard, index, meta)
+    done = {"entry": entry.__dict__, "trained_sha256": trained_sha}
+    storage.atomic_write_json(storage.join(memory_dir, _done_path(version, shard)), done)
+    return entry.__dict__
+
+
+def _size(url: str) -> int:
+    fs, path = storage.filesystem(url)
+    return int(fs.info(path)["size"])
+
+
+def _empty_meta() -> pa.Table:
+    return pa.table({"id": pa.array([], pa.int64()), "key": pa.array([], pa.string()),
+                     "label": pa.array([], pa.int64()), "label_name": pa.array([], pa.string()),
+                     "source": pa.array([], pa.string()), "shard": pa.array([], pa.string())})
+
+
+def _done_path(version: int, shard: int) -> str:
+    return f"shards/{version_name(version)}/shard-{int(shard):03d}.done.json"
+
+
+def _plan_path(version: int) -> str:
+    return f"shards/{version_name(version)}/_build.json"
+
+
+def _finished(memory_dir: str, version: int, shard: int, trained_sha: str) -> Optional[ShardEntry]:
+    """The entry of an already-populated shard whose files still match their checksums, else None."""
+    url = storage.join(memory_dir, _done_path(version, shard))
+    if not storage.exists(url):
+        return None
+    try:
+        done = storage.read_json(url)
+        if done.get("trained_sha256") != trained_sha:
+            return None
+        e = ShardEntry(**done["entry"])
+        verify(storage.join(memory_dir, e.path), e.sha256)
+        verify(storage.join(memory_dir, e.meta_path), e.meta_sha256)
+        return e
+    except (UserError, ValueError, KeyError, TypeError) as err:
+        log.info("shard %d of %s will be rebuilt (%s)", shard, version_name(version), err)
+        return None
+
+
+# ---------------------------------------------------------------- the build
+
+def _train_or_resume(cfg, store: ManifestStore, version: int, fingerprint: str, key: str, n: int, dim: int,
+                     train_pos: np.ndarray, emb_dir: str) -> Tuple[str, str, str]:
+    """(trained path rel, sha256, trainer); reuses the trained index of an interrupted build of the same inputs."""
+    plan_url = store.url(_plan_path(version))
+    if storage.exists(plan_url):
+        try:
+            p = storage.read_json(plan_url)
+            if p["fingerprint"] == fingerprint and p["index_key"] == key and p["metric"] == cfg.index.metric:
+                verify(store.url(p["trained_path"]), p["trained_sha256"])
+                log.info("resuming build of %s: reusing trained index %s", version_name(version), p["trained_path"])
+                return p["trained_path"], p["trained_sha256"], p.get("trainer", "?")
+        except (UserError, KeyError, ValueError) as e:
+            log.info("previous build plan not reusable (%s): training again", e)
+    with phase(f"index: train {key} on {len(train_pos):,} vectors"):
+        xt, _ = gather_rows(emb_dir, train_pos, cfg.index.build_batch_rows)
+        index, trainer = tr.train_index(xt, key, cfg.index.metric, gpu=cfg.index.gpu,
+                                        budget_bytes=parse_bytes(cfg.index.max_index_memory),
+                                        prefer_autofaiss=not cfg.index.index_key)
+    data = tr.serialize(index)
+    sha = sha256_bytes(data)
+    rel = f"trained/{sha}.index"
+    storage.atomic_write_bytes(store.url(rel), data)
+    storage.atomic_write_json(plan_url, {"fingerprint": fingerprint, "index_key": key, "metric": cfg.index.metric,
+                                         "trained_path": rel, "trained_sha256": sha, "trainer": trainer,
+                                         "num_shards": cfg.index.num_shards, "n": n, "dim": dim})
+    return rel, sha, trainer
+
+
+def _populate_all(cfg, store: ManifestStore, version: int, trained_rel: str, trained_sha: str,
+                  emb_dir: str) -> List[ShardEntry]:
+    import ray
+    from tqdm import tqdm
+
+    S = int(cfg.index.num_shards)
+    entries: Dict[int, ShardEntry] = {}
+    for s in range(S):
+        e = _finished(store.memory_dir, version, s, trained_sha)
+        if e is not None:
+            entries[s] = e
+    if entries:
+        log.info("resuming: %d of %d shards already built and verified", len(entries), S)
+    task = ray.remote(num_cpus=1)(populate_shard)
+    refs = {task.remote(store.memory_dir, version, s, S, store.url(trained_rel), trained_sha, emb_dir,
+                        int(cfg.index.build_batch_rows)): s for s in range(S) if s not in entries}
+    with tqdm(total=S, initial=len(entries), desc="populate shards", unit="shard") as bar:
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            d = ray.get(ready[0])
+            entries[d["shard"]] = ShardEntry(**d)
+            bar.update(1)
+    return [entries[s] for s in range(S)]
+
+
+def choose_key(cfg, n: int, dim: int) -> str:
+    """The index key a build of n x dim uses under this config (see `pipeline.index.keys`)."""
+    budget = parse_bytes(cfg.index.max_index_memory)
+    train_n = min(n, int(cfg.index.train_sample))
+    auto = None if cfg.index.index_key else autofaiss_key(n, dim, budget)
+    return resolve_index_key(auto, n, dim, budget, train_n=train_n, explicit_key=cfg.index.index_key)
+
+
+def check_fits(cfg, key: str, n: int, dim: int) -> int:
+    """Bytes one shard searcher needs; UserError with the numbers when it exceeds `index.memory_per_node`."""
+    cost = key_cost(key, dim, cfg.index.metric)
+    need = bytes_per_shard(cost, n, cfg.index.num_shards)
+    have = parse_bytes(cfg.index.memory_per_node)
+    if need > have:
+        import math
+
+        shards = math.ceil(n * cost.bytes_per_item / max(have - cost.fixed_bytes, 1))
+        raise UserError(
+            f"the memory will not fit: {n:,} items x {cost.bytes_per_item} B ({key}) over {cfg.index.num_shards} "
+            f"shard(s) = {format_bytes(need)} per shard, but index.memory_per_node is {format_bytes(have)}; "
+            f"use index.num_shards >= {shards} or a smaller code (index.max_index_memory / index.index_key)")
+    return need
+
+
+def build_memory(cfg, split: str = "train") -> Manifest:
+    """Build a new memory version from the `split` embeddings; returns the committed manifest."""
+    from pipeline.runtime import init_ray
+
+    init_ray(cfg)  # also exports the storage settings to Ray workers
+    t_start = time.perf_counter()
+    emb_dir = cfg.embeddings_dir(split)
+    store = ManifestStore(cfg.memory_dir)
+    timings: Dict[str, float] = {}
+    with phase("index: scan embeddings") as ph:
+        ids, dim, fingerprint = scan_inputs(emb_dir)
+    timings["scan_s"] = ph["seconds"]
+    n = len(ids)
+    if n < int(cfg.index.num_shards):
+        raise UserError(f"{n} items cannot fill index.num_shards={cfg.index.num_shards} shards")
+    key = choose_key(cfg, n, dim)
+    need = check_fits(cfg, key, n, dim)
+    log.info("index key %s for %s x %d (%s per shard)", key, f"{n:,}", dim, format_bytes(need))
+
+    version = store.next_version()
+    parent = store.current_version()
+    rng = np.random.default_rng(SEED)
+    train_pos = np.sort(rng.choice(n, size=min(n, int(cfg.index.train_sample)), replace=False))
+    t0 = time.perf_counter()
+    trained_rel, trained_sha, trainer = _train_or_resume(cfg, store, version, fingerprint, key, n, dim,
+                                                         train_pos, emb_dir)
+    timings["train_s"] = time.perf_counter() - t0
+    with phase(f"index: populate {cfg.index.num_shards} shards") as ph:
+        shards = _populate_all(cfg, store, version, trained_rel, trained_sha, emb_dir)
+    timings["populate_s"] = ph["seconds"]
+    if sum(s.count for s in shards) != n:
+        raise DataError(f"shards hold {sum(s.count for s in shards)} items, the embeddings {n}: inputs changed "
+                        f"during the build? re-run `vmem build`")
+
+    manifest = Manifest(version=version, parent=parent, shards=shards, index_key=key, dim=dim,
+                        metric=cfg.index.metric, trained_path=trained_rel, trained_sha256=trained_sha, nprobe=1,
+                        encoder=encoder_info(emb_dir),
+                        build={"split": split, "trainer": trainer, "fingerprint": fingerprint,
+                               "train_sample": len(train_pos), "items": n})
+    with phase("index: measure recall vs exact search") as ph:
+        rows, chosen, qsource = measure_recall(cfg, manifest, emb_dir, n, dim, train_pos)
+    timings["recall_s"] = ph["seconds"]
+    manifest.nprobe, manifest.recall = chosen, rows
+    total_bytes = sum(_size(store.url(s.path)) for s in shards)
+    timings["total_s"] = time.perf_counter() - t_start
+    manifest.build.update({"recall_queries": qsource, "timings": timings, "index_bytes": int(total_bytes),
+                           "bytes_per_item": total_bytes / max(n, 1)})
+    store.commit(manifest)
+    log.info("memory %s committed: %s items in %d shards, %s, nprobe %d", version_name(version), f"{n:,}",
+             len(shards), key, chosen)
+    return manifest
+
+
+def measure_recall(cfg, manifest: Manifest, emb_dir: str, n: int, dim: int,
+                   train_pos: np.ndarray) -> Tuple[List[Dict[str, float]], int, str]:
+    """Recall table of the (uncommitted) shards on held-out queries, and the chosen nprobe."""
+    from pipeline.index.router import Router
+
+    xq, source = query_vectors(cfg, emb_dir, n, dim, train_pos)
+    k = min(100, n)
+    chunks = ((embeddings_of(b), b.column("id").to_numpy())
+              for b in iter_embedding_batches(emb_dir, cfg.index.build_batch_rows, columns=["id", "embedding"]))
+    _, gt = exact_knn(xq, chunks, k, cfg.index.metric)
+    router = Router(cfg.memory_dir, manifest=manifest, use_ray=False)
+    nlist = key_cost(manifest.index_key, dim, cfg.index.metric).nlist
+    rows = recall_table(lambda q, kk, p: router.search(q, kk, nprobe=p).I, xq, gt, nlist,
+                        target=cfg.index.target_recall)
+    chosen = choose_nprobe(rows, cfg.index.target_recall, cfg.index.max_latency_ms)
+    log.info("recall on %d queries (%s):\n%s", len(xq), source, format_table(rows, chosen))
+    return rows, chosen, source

@@ -1,0 +1,131 @@
+"""Which faiss index a memory uses: the IVF rule applied to autofaiss's choice, and what a key costs in bytes.
+
+The design is sharded IVF with ONE trained quantizer shared by every shard (so per-shard results merge into
+exactly what one big index would return, and an item can be added to any shard without retraining). autofaiss
+chooses from a memory budget and may answer with a non-IVF index (HNSW, Flat) on small data, and with an
+IVF-PQ whose code caps recall even when the budget could afford more. `resolve_index_key` applies one rule:
+
+  b = budget / n   (bytes the budget allows per item; 8 of them go to the int64 id in the inverted lists)
+  1. an explicit key (config `index.index_key`) is used as given; it must be an IVF family key;
+  2. `IVF{nlist},Flat`  if b >= 4*d + 8        (exact distances inside the probed lists)
+  3. `IVF{nlist},SQ8`   if b >= d + 8          (8-bit scalar codes: recall@10 ~0.99 at a quarter of Flat)
+  4. autofaiss's key    if it is IVF-PQ        (its OPQ/PQ choice for budgets below one byte per dimension;
+                                                 its list count capped like nlist below)
+  5. `IVF{nlist},PQ{m}x8` otherwise, m the largest divisor of d (<= d/2... down to 4) with m + 8 <= b.
+
+nlist = autofaiss's recommendation for n (about 4*sqrt(n), 2^14..2^17 beyond 1M), capped so the training
+sample holds at least 39 points per list (faiss's k-means minimum).
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+import faiss
+
+from pipeline.errors import UserError
+
+ID_BYTES = 8  # each item's int64 id is stored beside its code in the inverted lists
+MIN_POINTS_PER_LIST = 39
+
+
+def is_ivf(key: str) -> bool:
+    return re.search(r"(^|,)IVF\d+", key) is not None
+
+
+def metric_of(metric: str) -> int:
+    if metric not in ("ip", "l2"):
+        raise UserError(f"unknown metric {metric!r}: choose ip or l2")
+    return faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2
+
+
+def nlist_for(n: int, train_n: Optional[int] = None) -> int:
+    """Number of inverted lists for n items (autofaiss's rule), capped by the training sample size."""
+    from autofaiss.external.optimize import get_optimal_nb_clusters
+
+    nlist = int(get_optimal_nb_clusters(max(int(n), 1))[0])
+    return max(1, min(nlist, nlist_cap(train_n)))
+
+
+def nlist_cap(train_n: Optional[int]) -> int:
+    """Most lists a training sample of train_n points supports (None = no cap)."""
+    return 1 << 62 if train_n is None else max(1, int(train_n) // MIN_POINTS_PER_LIST)
+
+
+def _largest_pq(d: int, max_code: float) -> Optional[int]:
+    for m in range(min(d, 256), 3, -1):
+        if d % m == 0 and m <= max_code:
+            return m
+    return None
+
+
+def resolve_index_key(auto_key: Optional[str], n: int, d: int, budget_bytes: int,
+                      train_n: Optional[int] = None, explicit_key: Optional[str] = None) -> str:
+    """The IVF key this memory will use (rule in the module docstring)."""
+    if explicit_key:
+        if not is_ivf(explicit_key):
+            raise UserError(f"index.index_key={explicit_key!r} is not an IVF index: the memory shares one trained "
+                            f"IVF quantizer across shards; use e.g. 'IVF1024,PQ32x8' or 'IVF256,Flat'")
+        return explicit_key
+    nlist = nlist_for(n, train_n)
+    per_item = budget_bytes / max(int(n), 1)
+    if per_item >= 4 * d + ID_BYTES:
+        return f"IVF{nlist},Flat"
+    if per_item >= d + ID_BYTES:
+        return f"IVF{nlist},SQ8"
+    if auto_key and is_ivf(auto_key) and "PQ" in auto_key:
+        return re.sub(r"IVF(\d+)", lambda m: f"IVF{min(int(m.group(1)), nlist_cap(train_n))}", auto_key, count=1)
+    m = _largest_pq(d, per_item - ID_BYTES)
+    if m is None:
+        raise UserError(f"a memory budget of {budget_bytes} bytes for {n} items of dimension {d} leaves "
+                        f"{per_item:.1f} bytes per item: not even a 4-byte PQ code fits; raise "
+                        f"index.max_index_memory")
+    return f"IVF{nlist},PQ{m}x8"
+
+
+def autofaiss_key(n: int, d: int, budget_bytes: int) -> Optional[str]:
+    """autofaiss's first choice of key for n x d under a budget (no training: its selection rule only)."""
+    from autofaiss.external.optimize import get_optimal_index_keys_v2
+
+    from pipeline.index.units import to_autofaiss
+
+    keys = get_optimal_index_keys_v2(int(n), int(d), to_autofaiss(budget_bytes))
+    return keys[0] if keys else None
+
+
+@dataclass
+class KeyCost:
+    """Memory of an IVF index: `bytes_per_item` * n + `fixed_bytes` (quantizer, transforms, list heads)."""
+    key: str
+    code_size: int
+    bytes_per_item: int
+    fixed_bytes: int
+    nlist: int
+
+    def total(self, n: int) -> int:
+        return int(n) * self.bytes_per_item + self.fixed_bytes
+
+
+def key_cost(key: str, d: int, metric: str = "ip") -> KeyCost:
+    """What `key` costs: faiss builds the (empty, untrained) index so code sizes are faiss's own numbers."""
+    try:
+        index = faiss.index_factory(int(d), key, metric_of(metric))
+    except RuntimeError as e:
+        raise UserError(f"faiss cannot build index key {key!r} for dimension {d}: {str(e).splitlines()[-1]}") from e
+    ivf = faiss.extract_index_ivf(index)
+    fixed = ivf.nlist * ivf.d * 4 + ivf.nlist * 48  # centroids + one (codes, ids) vector pair per list
+    hnsw = re.search(r"IVF\d+_HNSW(\d+)", key)
+    if hnsw:
+        fixed += ivf.nlist * int(hnsw.group(1)) * 2 * 4  # the quantizer's graph links
+    if isinstance(index, faiss.IndexPreTransform):  # OPQ / PCA matrices
+        for i in range(index.chain.size()):
+            vt = index.chain.at(i)
+            fixed += vt.d_in * vt.d_out * 4
+    return KeyCost(key, int(ivf.code_size), int(ivf.code_size) + ID_BYTES, int(fixed), int(ivf.nlist))
+
+
+def bytes_per_shard(cost: KeyCost, n: int, num_shards: int) -> int:
+    """RAM one shard searcher needs: its share of the items plus a full copy of the shared quantizer."""
+    return cost.total(math.ceil(int(n) / max(int(num_shards), 1)))

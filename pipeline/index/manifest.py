@@ -1,0 +1,156 @@
+"""The manifest: the single source of truth of what a memory contains, and the store that commits it.
+
+Layout under `memory_dir` (see docs/design.md):
+
+  CURRENT                       {"version": N}: the commit point, replaced atomically (temp+rename+fsync
+                                locally, one PUT on S3)
+  manifests/v000001.json        one immutable `Manifest` per version
+  trained/<sha>.index           the trained, empty IVF index every shard was populated from
+  shards/v000001/shard-000.index, shard-000.meta.parquet
+
+All paths inside a manifest are RELATIVE to `memory_dir` (use `ManifestStore.url(rel)`), so a memory can be
+copied or moved (local <-> s3://) whole, and a later version may point at shard files of an earlier one (what
+compaction does for shards it leaves untouched). `logs` is free-form and belongs to the memory layer
+(tombstone / delta / overlay log paths); this layer only carries it from version to version.
+
+`ManifestStore.commit` writes `manifests/vN.json` first and `CURRENT` last: a writer killed in between leaves
+the previous version current and intact; readers only ever follow `CURRENT`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from pipeline import storage
+from pipeline.errors import IntegrityError, NotFound, UserError
+
+CURRENT = "CURRENT"
+MANIFESTS = "manifests"
+_VERSION_FILE = re.compile(r"^v(\d{6,})\.json$")
+
+
+def version_name(version: int) -> str:
+    return f"v{int(version):06d}"
+
+
+@dataclass
+class ShardEntry:
+    """One populated shard: index + metadata files (relative paths), item count and sha256 of each file."""
+    shard: int
+    path: str
+    meta_path: str
+    count: int
+    sha256: str
+    meta_sha256: str
+
+
+@dataclass
+class Manifest:
+    version: int
+    shards: List[ShardEntry]
+    index_key: str
+    dim: int
+    metric: str
+    trained_path: str
+    trained_sha256: str
+    nprobe: int
+    parent: Optional[int] = None
+    created_at: float = field(default_factory=time.time)
+    encoder: Dict[str, Any] = field(default_factory=dict)  # name, image_size, preprocessing, dim (if known)
+    recall: List[Dict[str, Any]] = field(default_factory=list)  # rows: nprobe, recall@10, recall@100, ms...
+    logs: Dict[str, Any] = field(default_factory=dict)  # owned by the memory layer
+    build: Dict[str, Any] = field(default_factory=dict)  # how it was built: trainer, timings, source split
+    extra: Dict[str, Any] = field(default_factory=dict)  # unknown keys of newer writers, kept on round-trip
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.shards)
+
+    @property
+    def count(self) -> int:
+        return sum(s.count for s in self.shards)
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = dataclasses.asdict(self)
+        extra = d.pop("extra")
+        return {**extra, **d}
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "Manifest":
+        names = {f.name for f in dataclasses.fields(cls)}
+        known = {k: v for k, v in d.items() if k in names and k != "extra"}
+        known["shards"] = [ShardEntry(**s) for s in d.get("shards", [])]
+        known["extra"] = {k: v for k, v in d.items() if k not in names}
+        return cls(**known)
+
+    def next_version(self, **changes) -> "Manifest":
+        """A copy for the next version (parent = this one, fresh created_at); `changes` replace fields."""
+        return dataclasses.replace(self, version=0, parent=self.version, created_at=time.time(), **changes)
+
+
+class ManifestStore:
+    """Versions of one memory: `commit`, `load`, `versions`, `current_version`, `url`."""
+
+    def __init__(self, memory_dir: str):
+        self.memory_dir = str(memory_dir).rstrip("/")
+
+    def url(self, rel: str) -> str:
+        """Absolute URL of a path stored (relative) in a manifest."""
+        return storage.join(self.memory_dir, rel)
+
+    def manifest_url(self, version: int) -> str:
+        return storage.join(self.memory_dir, MANIFESTS, f"{version_name(version)}.json")
+
+    def versions(self) -> List[int]:
+        """Committed manifest versions (ascending), including ones newer than CURRENT from a killed commit."""
+        out = []
+        for name in storage.listdir(storage.join(self.memory_dir, MANIFESTS)):
+            m = _VERSION_FILE.match(name)
+            if m:
+                out.append(int(m.group(1)))
+        return sorted(out)
+
+    def next_version(self) -> int:
+        return max(self.versions(), default=0) + 1
+
+    def current_version(self) -> Optional[int]:
+        """The version CURRENT points at, or None for an empty memory directory."""
+        url = storage.join(self.memory_dir, CURRENT)
+        if not storage.exists(url):
+            return None
+        try:
+            return int(storage.read_json(url)["version"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise IntegrityError(f"{url} is corrupt ({e}); expected {{\"version\": N}}") from e
+
+    def load(self, version: Optional[int] = None) -> Manifest:
+        """The manifest of `version` (default: the one CURRENT points at)."""
+        if version is None:
+            version = self.current_version()
+            if version is None:
+                raise NotFound(f"no memory at {self.memory_dir} (no {CURRENT} file): run `vmem build` first")
+        url = self.manifest_url(version)
+        if not storage.exists(url):
+            raise NotFound(f"memory version {version} does not exist at {url}; versions: {self.versions()}")
+        try:
+            return Manifest.from_dict(storage.read_json(url))
+        except (json.JSONDecodeError, TypeError) as e:
+            raise IntegrityError(f"manifest {url} is corrupt: {e}") from e
+
+    def commit(self, manifest: Manifest) -> int:
+        """Write the manifest as a new version, then point CURRENT at it; returns the version.
+
+        `manifest.version` 0 (or None) takes the next free number. An existing version is never overwritten.
+        """
+        if not manifest.version:
+            manifest.version = self.next_version()
+        url = self.manifest_url(manifest.version)
+        if storage.exists(url):
+            raise UserError(f"memory version {manifest.version} already exists at {url}; manifests are immutable")
+        storage.atomic_write_json(url, manifest.to_dict())
+        storage.atomic_write_json(storage.join(self.memory_dir, CURRENT), {"version": manifest.version})
+        return manifest.version

@@ -1,0 +1,79 @@
+"""Capacity planning: how much RAM a memory needs and how many shards / nodes hold it.
+
+Formula (the same estimate `build_memory` uses to refuse builds that cannot fit):
+
+  cost(key)        = faiss code size of `key` + 8 bytes of id per item  (= bytes_per_item)
+                     + fixed bytes per shard: nlist*d*4 centroids, quantizer graph, OPQ matrix, list heads
+  total RAM        = items * bytes_per_item + fixed                       (one copy of the quantizer)
+  usable per node  = ram_per_node * HEADROOM  (HEADROOM = 0.75: the rest is for the OS, Ray, query buffers)
+  nodes            = ceil((items * bytes_per_item) / (usable - fixed))
+  shards           = max(requested shards, nodes), rounded up to a multiple of nodes; each shard carries its
+                     own copy of the quantizer, so per-shard RAM = ceil(items / shards) * bytes_per_item + fixed.
+
+Without `index_key` the key is autofaiss's choice under `max_memory` passed through the IVF rule of
+`pipeline.index.keys`; without `max_memory` the budget is 1/32 of the float32 size (items * dim / 8 bytes), the
+usual operating point of IVF-PQ at scale.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+from pipeline.errors import UserError
+from pipeline.index.keys import autofaiss_key, key_cost, resolve_index_key
+from pipeline.index.units import format_bytes, parse_bytes, parse_count
+
+HEADROOM = 0.75
+
+
+@dataclass
+class Plan:
+    items: int
+    dim: int
+    index_key: str
+    bytes_per_item: int
+    fixed_bytes: int
+    total_bytes: int
+    ram_per_node: int
+    num_shards: int
+    nodes: int
+    bytes_per_shard: int
+
+    def table(self) -> str:
+        rows = [
+            ("items", f"{self.items:,}"), ("dim", str(self.dim)), ("index key", self.index_key),
+            ("bytes per item", f"{self.bytes_per_item} (code + 8-byte id)"),
+            ("fixed per shard", format_bytes(self.fixed_bytes) + " (quantizer, transforms)"),
+            ("total RAM", format_bytes(self.total_bytes)),
+            ("RAM per node", f"{format_bytes(self.ram_per_node)} ({HEADROOM:.0%} usable)"),
+            ("shards", str(self.num_shards)), ("RAM per shard", format_bytes(self.bytes_per_shard)),
+            ("nodes", str(self.nodes)),
+        ]
+        width = max(len(r[0]) for r in rows)
+        return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def plan_memory(items, dim: int, ram_per_node, index_key: Optional[str] = None, max_memory=None,
+                num_shards: int = 1, metric: str = "ip") -> Plan:
+    """Estimate RAM, shards and nodes for `items` vectors of `dim` (sizes may be human strings)."""
+    n, d = parse_count(items), int(dim)
+    ram = parse_bytes(ram_per_node)
+    if n <= 0 or d <= 0:
+        raise UserError(f"items and dim must be > 0, got items={n}, dim={d}")
+    budget = parse_bytes(max_memory) if max_memory is not None else n * d // 8
+    key = index_key or resolve_index_key(autofaiss_key(n, d, budget), n, d, budget)
+    cost = key_cost(key, d, metric)
+    usable = ram * HEADROOM
+    if usable <= cost.fixed_bytes + cost.bytes_per_item:
+        raise UserError(f"{format_bytes(ram)} per node cannot hold even the quantizer of {key} "
+                        f"({format_bytes(cost.fixed_bytes)}); use more RAM per node or fewer lists")
+    nodes = max(1, math.ceil(n * cost.bytes_per_item / (usable - cost.fixed_bytes)))
+    shards = max(int(num_shards), nodes)
+    shards = math.ceil(shards / nodes) * nodes
+    per_shard = cost.total(math.ceil(n / shards))
+    return Plan(n, d, key, cost.bytes_per_item, cost.fixed_bytes, n * cost.bytes_per_item + cost.fixed_bytes,
+                ram, shards, nodes, per_shard)

@@ -1,0 +1,210 @@
+"""The router: one `ShardSearcher` Ray actor per shard, queries fanned out concurrently, exact top-k merge.
+
+`Router(memory_dir, version=None).search(xq, k, nprobe=None, exclude=None) -> SearchResult` (the contract in
+docs/design.md). Every shard answers its own top-k (with the same trained quantizer and nprobe), and
+`merge_topk` keeps the global best k, so the result equals one IVF index holding every vector. Ids are
+external int64 ids (-1 = no result); metadata comes from the shard that holds each hit.
+
+If a shard actor dies (node lost, OOM, `ray.kill`), the router recreates it from the manifest and re-asks
+it; the query still returns the full, correct result. `use_ray=False` runs the searchers in-process (build-time
+recall measurement, tools, tests of the merge itself).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence
+
+import faiss
+import numpy as np
+
+from pipeline.embed.parts import check_vectors
+from pipeline.errors import UserError
+from pipeline.index.manifest import Manifest, ManifestStore
+from pipeline.index.shard import ExcludeSet, ShardSearcher
+
+log = logging.getLogger("vmem.index")
+
+__all__ = ["Router", "SearchResult", "ExcludeSet", "merge_topk"]
+
+_META = ("labels", "label_names", "keys", "sources")
+MAX_RETRIES = 2
+
+
+@dataclass
+class SearchResult:
+    D: np.ndarray  # (nq, k) float32 similarities (inner product) or squared L2 distances
+    I: np.ndarray  # (nq, k) int64 external ids, -1 where fewer than k results exist
+    labels: np.ndarray  # (nq, k) int64, -1 for padding
+    label_names: np.ndarray  # (nq, k) object (str)
+    keys: np.ndarray
+    sources: np.ndarray
+    version: Optional[int] = None
+
+
+def merge_topk(Ds: Sequence[np.ndarray], Is: Sequence[np.ndarray], k: int, keep_max: bool = True):
+    """Exact global top-k of per-shard results; inner product keeps the max. Returns (D, I), each (nq, k).
+
+    Each shard's (D, I) is (nq, k_s) with rows sorted best first, as faiss search returns them; -1 ids pad.
+    """
+    assert len(Ds) == len(Is) and len(Ds) > 0, "need one (D, I) pair per shard"
+    width = max(int(k), max(d.shape[1] for d in Ds))
+    pad = -np.inf if keep_max else np.inf
+
+    def widen(a, fill, dtype):
+        a = np.asarray(a, dtype=dtype)
+        if a.shape[1] == width:
+            return a
+        out = np.full((a.shape[0], width), fill, dtype=dtype)
+        out[:, : a.shape[1]] = a
+        return out
+
+    Dall = np.stack([widen(d, pad, np.float32) for d in Ds])
+    Iall = np.stack([widen(i, -1, np.int64) for i in Is])
+    D, I = faiss.merge_knn_results(Dall, Iall, keep_max=keep_max)
+    return D[:, :k], I[:, :k]
+
+
+def gather_meta(I: np.ndarray, parts: List[Dict[str, np.ndarray]]) -> Dict[str, np.ndarray]:
+    """Metadata for merged ids I, taken from the per-shard answers that returned them."""
+    Icat = np.concatenate([p["I"] for p in parts], axis=1)
+    order = np.argsort(Icat, axis=1, kind="stable")
+    sorted_ids = np.take_along_axis(Icat, order, axis=1)
+    col = np.empty(I.shape, dtype=np.int64)
+    for r in range(I.shape[0]):
+        col[r] = order[r, np.clip(np.searchsorted(sorted_ids[r], I[r]), 0, Icat.shape[1] - 1)]
+    out = {}
+    for name in _META:
+        cat = np.concatenate([p[name] for p in parts], axis=1)
+        vals = np.take_along_axis(cat, col, axis=1)
+        fill = -1 if name == "labels" else ""
+        out[name] = np.where(I >= 0, vals, fill).astype(np.int64 if name == "labels" else object)
+    return out
+
+
+class Router:
+    """Fan-out search over the shards of one memory version (see module docstring)."""
+
+    def __init__(self, memory_dir: str, version: Optional[int] = None, nprobe: Optional[int] = None,
+                 use_ray: bool = True, omp_threads: Optional[int] = None, gpu: bool = False,
+                 manifest: Optional[Manifest] = None, actor_options: Optional[Dict[str, Any]] = None):
+        self.memory_dir = memory_dir
+        self.store = ManifestStore(memory_dir)
+        self.manifest = manifest or self.store.load(version)
+        self.version = self.manifest.version
+        self.nprobe = int(nprobe or self.manifest.nprobe)
+        self.keep_max = self.manifest.metric == "ip"
+        self.use_ray = use_ray
+        n = max(1, self.manifest.num_shards)
+        self._kwargs = dict(metric=self.manifest.metric, nprobe=self.nprobe, gpu=gpu,
+                            omp_threads=omp_threads or max(1, (os.cpu_count() or 1) // n))
+        # num_cpus=0: searchers are long-lived and mostly idle; they must never block Ray tasks from running.
+        self._actor_options = {"num_cpus": 0, **(actor_options or {})}
+        self._exclude_ref = None  # (version, ObjectRef of the ids) put once per exclude version
+        self.restarts = 0
+        self.searchers: List[Any] = [self._make(i) for i in range(self.manifest.num_shards)]
+        if use_ray:
+            import ray
+
+            ray.get([s.ping.remote() for s in self.searchers])  # fail now (missing/corrupt file), not mid-query
+
+    def _make(self, i: int):
+        entry = self.manifest.shards[i].__dict__
+        if not self.use_ray:
+            return ShardSearcher(self.memory_dir, entry, **self._kwargs)
+        import ray
+
+        actor_cls = ray.remote(ShardSearcher)
+        return actor_cls.options(**self._actor_options).remote(self.memory_dir, entry, **self._kwargs)
+
+    @property
+    def dim(self) -> int:
+        return self.manifest.dim
+
+    @property
+    def count(self) -> int:
+        return self.manifest.count
+
+    def _exclude_for_actors(self, exclude: Optional[ExcludeSet]) -> Optional[ExcludeSet]:
+        if exclude is None or not self.use_ray:
+            return exclude
+        import ray
+
+        if self._exclude_ref is None or self._exclude_ref[0] != exclude.version:
+            self._exclude_ref = (exclude.version, ray.put(np.asarray(exclude.ids, dtype=np.int64)))
+        # Wrapped in a list so Ray does not resolve it: an actor caching this version never fetches the ids.
+        return ExcludeSet(exclude.version, [self._exclude_ref[1]])
+
+    def search(self, xq: np.ndarray, k: int, nprobe: Optional[int] = None,
+               exclude: Optional[ExcludeSet] = None) -> SearchResult:
+        """Global top-k for each row of `xq` (nq, dim): ids, scores, metadata. Exact merge over all shards."""
+        if int(k) <= 0:
+            raise UserError(f"k must be > 0, got {k}")
+        xq = check_vectors(xq, self.dim, what="query vectors")
+        nprobe = int(nprobe or self.nprobe)
+        if not self.use_ray:
+            parts = [s.search(xq, k, nprobe, exclude) for s in self.searchers]
+        else:
+            parts = self._search_ray(xq, k, nprobe, self._exclude_for_actors(exclude))
+        D, I = merge_topk([p["D"] for p in parts], [p["I"] for p in parts], k, keep_max=self.keep_max)
+        return SearchResult(D=D, I=I, version=self.version, **gather_meta(I, parts))
+
+    def _search_ray(self, xq, k, nprobe, exclude) -> List[Dict[str, np.ndarray]]:
+        import ray
+        from ray.exceptions import RayActorError
+
+        xq_ref = ray.put(xq)
+        pending = {i: s.search.remote(xq_ref, k, nprobe, exclude) for i, s in enumerate(self.searchers)}
+        parts: Dict[int, Dict[str, np.ndarray]] = {}
+        for i, ref in pending.items():
+            for attempt in range(MAX_RETRIES + 1):
+                try:
+                    parts[i] = ray.get(ref)
+                    break
+                except RayActorError as e:
+                    if attempt == MAX_RETRIES:
+                        raise
+                    log.warning("shard %d searcher died (%s): recreating it and retrying", i,
+                                type(e).__name__)
+                    self.searchers[i] = self._make(i)
+                    self.restarts += 1
+                    ref = self.searchers[i].search.remote(xq_ref, k, nprobe, exclude)
+        return [parts[i] for i in range(len(self.searchers))]
+
+    def lookup(self, ids: Sequence[int]) -> Dict[str, np.ndarray]:
+        """Metadata (labels, label_names, keys, sources) of ids, asked from the shard each id routes to."""
+        ids = np.asarray(ids, dtype=np.int64)
+        n = len(self.searchers)
+        out = {"labels": np.full(len(ids), -1, np.int64), **{m: np.full(len(ids), "", object) for m in _META[1:]}}
+        for s in range(n):
+            sel = np.flatnonzero(ids % n == s)
+            if len(sel) == 0:
+                continue
+            if self.use_ray:
+                import ray
+
+                got = ray.get(self.searchers[s].lookup.remote(ids[sel]))
+            else:
+                got = self.searchers[s].lookup(ids[sel])
+            for m in _META:
+                out[m][sel] = got[m]
+        return out
+
+    def close(self) -> None:
+        """Stop the shard actors (in-process searchers are just dropped)."""
+        if self.use_ray:
+            import ray
+
+            for s in self.searchers:
+                try:
+                    ray.kill(s)
+                except Exception:  # already dead
+                    pass
+        self.searchers = []
+
+    def __enter__(self) -> "Router":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,215 @@
+"""One shard of a memory: its files (save / load with sha256 checks) and `ShardSearcher`, which searches it.
+
+Files of shard s of version v (paths relative to the memory dir, as stored in the manifest):
+  shards/v{v:06d}/shard-{s:03d}.index         faiss IVF index populated from the trained index, ids = external
+  shards/v{v:06d}/shard-{s:03d}.meta.parquet  id, label, label_name, key, source, shard: sorted by id,
+                                              uncompressed so pyarrow memory-maps it
+Both are written atomically (`pipeline.storage`), so a reader sees a whole file or none; a file is never
+rewritten in place (a searcher may have it memory-mapped), a new version writes new files.
+
+`ShardSearcher` works as a plain class and as a Ray actor (`ray.remote(ShardSearcher)`): it verifies both
+checksums, memory-maps the index (`faiss.IO_FLAG_MMAP`; S3 files are first copied to a local cache), and
+answers `search(xq, k, nprobe, exclude)` with external ids + metadata. An `ExcludeSet(version, ids)` becomes
+`SearchParametersIVF(sel=IDSelectorNot(IDSelectorBatch(ids)))`, so faiss itself skips excluded ids and k live
+results still come back; the selector is built once per exclude version and cached.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Sequence
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline import storage
+from pipeline.errors import IntegrityError, NotFound
+from pipeline.index.manifest import ShardEntry, version_name
+
+log = logging.getLogger("vmem.index")
+
+META_COLUMNS = ("id", "label", "label_name", "key", "source", "shard")
+_CHUNK = 8 << 20
+
+
+@dataclass
+class ExcludeSet:
+    """Ids that searches must skip, tagged with a version: searchers cache the faiss selector per version.
+
+    `ids` may be an int64 array, or (from the Router) a one-element list holding a Ray ObjectRef to it, so a
+    searcher that already caches this version never fetches the ids again.
+    """
+    version: Any
+    ids: Any
+
+
+# ---------------------------------------------------------------- files
+
+def sha256_bytes(data) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_url(url: str) -> str:
+    """sha256 of the file at `url`, streamed; NotFound naming the file if it is missing."""
+    fs, path = storage.filesystem(url)
+    if not fs.exists(path):
+        raise NotFound(f"memory file is missing: {url}")
+    h = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        while True:
+            chunk = f.read(_CHUNK)
+            if not chunk:
+                break
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify(url: str, sha256: str) -> None:
+    """Raise NotFound / IntegrityError naming `url` unless its content hashes to `sha256`."""
+    got = sha256_url(url)
+    if got != sha256:
+        raise IntegrityError(f"memory file {url} is corrupt: sha256 {got[:12]}... does not match the manifest's "
+                             f"{sha256[:12]}...; rebuild it (`vmem build`) or load an older version")
+
+
+def shard_paths(version: int, shard: int) -> tuple:
+    """(index path, meta path) of shard `shard` written by version `version`, relative to the memory dir."""
+    base = f"shards/{version_name(version)}/shard-{int(shard):03d}"
+    return f"{base}.index", f"{base}.meta.parquet"
+
+
+def meta_table(table: pa.Table) -> pa.Table:
+    """The metadata columns of an embeddings table, sorted by id (lookups are binary searches)."""
+    t = table.select(list(META_COLUMNS))
+    return t.take(pc.sort_indices(t, [("id", "ascending")]))
+
+
+def save_shard(memory_dir: str, version: int, shard: int, index: faiss.Index, meta: pa.Table) -> ShardEntry:
+    """Write a populated shard (index + metadata) atomically under `version`; returns its manifest entry."""
+    rel_index, rel_meta = shard_paths(version, shard)
+    index_bytes = faiss.serialize_index(index)
+    buf = io.BytesIO()
+    pq.write_table(meta_table(meta), buf, compression="none")
+    meta_bytes = buf.getvalue()
+    storage.atomic_write_bytes(storage.join(memory_dir, rel_meta), meta_bytes)
+    storage.atomic_write_bytes(storage.join(memory_dir, rel_index),
+                               index_bytes.tobytes() if storage.is_remote(memory_dir) else index_bytes)
+    return ShardEntry(shard=int(shard), path=rel_index, meta_path=rel_meta, count=int(index.ntotal),
+                      sha256=sha256_bytes(index_bytes), meta_sha256=sha256_bytes(meta_bytes))
+
+
+def read_index(url: str, sha256: Optional[str] = None, mmap: bool = True) -> faiss.Index:
+    """Load a faiss index file (checksum verified first when given), memory-mapped where faiss supports it."""
+    if sha256 is not None:
+        verify(url, sha256)
+    elif not storage.exists(url):
+        raise NotFound(f"memory file is missing: {url}")
+    path = storage.local_copy(url)
+    if mmap:
+        try:
+            return faiss.read_index(path, faiss.IO_FLAG_MMAP)
+        except RuntimeError as e:  # index types without mmap support load into RAM
+            log.debug("no mmap for %s (%s): reading into RAM", url, e)
+    return faiss.read_index(path)
+
+
+def read_meta(url: str, sha256: Optional[str] = None) -> pa.Table:
+    if sha256 is not None:
+        verify(url, sha256)
+    path = storage.local_copy(url)
+    return pq.read_table(path, memory_map=True)
+
+
+# ---------------------------------------------------------------- searching
+
+def lookup_meta(meta: pa.Table, meta_ids: np.ndarray, I: np.ndarray) -> Dict[str, np.ndarray]:
+    """Metadata arrays shaped like I for the ids in I (-1 or unknown -> label -1, empty strings)."""
+    flat = I.reshape(-1)
+    pos = np.searchsorted(meta_ids, flat)
+    pos = np.clip(pos, 0, max(len(meta_ids) - 1, 0))
+    found = (flat >= 0) & (len(meta_ids) > 0)
+    if len(meta_ids):
+        found &= meta_ids[pos] == flat
+    take = pa.array(np.where(found, pos, 0))
+    out = {}
+    for col, name, fill in (("label", "labels", -1), ("label_name", "label_names", ""), ("key", "keys", ""),
+                            ("source", "sources", "")):
+        if len(meta_ids) == 0:
+            vals = np.full(flat.shape, fill, dtype=np.int64 if fill == -1 else object)
+        else:
+            vals = meta.column(col).take(take).to_numpy(zero_copy_only=False)
+            vals = np.where(found, vals, fill)
+        out[name] = (vals.astype(np.int64) if fill == -1 else vals.astype(object)).reshape(I.shape)
+    return out
+
+
+class ShardSearcher:
+    """Searches one shard; usable directly or as a Ray actor (`ray.remote(ShardSearcher)`)."""
+
+    def __init__(self, memory_dir: str, entry: Dict[str, Any], metric: str = "ip", nprobe: int = 1,
+                 omp_threads: Optional[int] = None, gpu: bool = False, mmap: bool = True, verify: bool = True):
+        e = ShardEntry(**entry) if isinstance(entry, dict) else entry
+        self.entry = e
+        self.metric = metric
+        self.nprobe = int(nprobe)
+        if omp_threads:
+            faiss.omp_set_num_threads(int(omp_threads))
+        self.index = read_index(storage.join(memory_dir, e.path), e.sha256 if verify else None, mmap=mmap)
+        self.meta = read_meta(storage.join(memory_dir, e.meta_path), e.meta_sha256 if verify else None)
+        self.meta_ids = self.meta.column("id").to_numpy()
+        if self.index.ntotal != e.count:
+            raise IntegrityError(f"shard {storage.join(memory_dir, e.path)} holds {self.index.ntotal} vectors, "
+                                 f"the manifest says {e.count}")
+        self.ivf = faiss.extract_index_ivf(self.index)
+        from pipeline.index.train import to_gpu, use_gpu
+
+        if use_gpu(gpu):
+            self.index = to_gpu(self.index)
+        self._excl_version = None
+        self._excl = None  # (ids array, IDSelectorBatch, IDSelectorNot): kept alive together
+
+    def ping(self) -> int:
+        return int(self.index.ntotal)
+
+    def _selector(self, exclude: Optional[ExcludeSet]):
+        if exclude is None:
+            return None
+        if self._excl is None or self._excl_version != exclude.version:
+            ids = exclude.ids
+            if isinstance(ids, list) and len(ids) == 1 and type(ids[0]).__name__ == "ObjectRef":
+                import ray
+
+                ids = ray.get(ids[0])
+            ids = np.ascontiguousarray(ids, dtype=np.int64)
+            batch = faiss.IDSelectorBatch(len(ids), faiss.swig_ptr(ids))
+            self._excl = (ids, batch, faiss.IDSelectorNot(batch))
+            self._excl_version = exclude.version
+        return self._excl[2]
+
+    def search(self, xq: np.ndarray, k: int, nprobe: Optional[int] = None,
+               exclude: Optional[ExcludeSet] = None, with_meta: bool = True) -> Dict[str, np.ndarray]:
+        """Top-k of this shard: D (nq, k) scores, I (nq, k) external ids (-1 pad) and metadata arrays."""
+        xq = np.ascontiguousarray(xq, dtype=np.float32)
+        params = faiss.SearchParametersIVF(nprobe=int(nprobe or self.nprobe))
+        sel = self._selector(exclude)
+        if sel is not None:
+            params.sel = sel
+        D, I = self.index.search(xq, int(k), params=params)
+        out = {"D": D, "I": I}
+        if with_meta:
+            out.update(lookup_meta(self.meta, self.meta_ids, I))
+        return out
+
+    def lookup(self, ids: Sequence[int]) -> Dict[str, np.ndarray]:
+        """Metadata of `ids` held by this shard (label -1 / empty strings for ids it does not hold)."""
+        I = np.asarray(ids, dtype=np.int64).reshape(1, -1)
+        return {k: v[0] for k, v in lookup_meta(self.meta, self.meta_ids, I).items()}
+
+    def pid(self) -> int:
+        return os.getpid()

@@ -1,0 +1,152 @@
+"""Memory pruning (paper): the memory queries itself, self-match dropped, and counts for each item v = how
+often it appears as a neighbour of an item with a different label.
+
+- hard pruning: tombstone items with v >= threshold, v counted over `hard_k` (100) neighbours;
+- soft pruning: gamma = 1 if v == 0 else 1.75 / (1 + v), v counted over `soft_k` (10) neighbours, committed
+  as a versioned overlay that the soft_* vote methods read.
+
+The self-queries run as Ray tasks, one per batch of the memory's vectors (shard vectors reconstructed from the
+shard indexes, plus the delta), each opening the memory's searchers in its worker.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import numpy as np
+
+from pipeline.memory.overlays import save_gamma
+from pipeline.runtime import phase
+
+log = logging.getLogger("vmem.pruning")
+
+
+def soft_gamma(v: np.ndarray) -> np.ndarray:
+    """gamma(v) = 1 if v == 0 else 1.75 / (1 + v)."""
+    v = np.asarray(v, dtype=np.float64)
+    return np.where(v == 0, 1.0, 1.75 / (1.0 + v))
+
+
+def wrong_label_counts(q_ids: np.ndarray, q_labels: np.ndarray, I: np.ndarray, labels: np.ndarray, k: int):
+    """v contributions: for each query, drop its self match (else the last column), keep k neighbours, and
+    count neighbours whose label differs from the query's. Returns (neighbour ids, counts) to be summed."""
+    self_hit = I == q_ids[:, None]
+    # Rows without a self match (ANN missed it) drop their last column instead, keeping exactly k.
+    drop = np.where(self_hit.any(axis=1), self_hit.argmax(axis=1), I.shape[1] - 1)
+    keep = np.ones(I.shape, bool)
+    keep[np.arange(len(I)), drop] = False
+    I2 = I[keep].reshape(len(I), -1)[:, :k]
+    L2 = labels[keep].reshape(len(I), -1)[:, :k]
+    wrong = (L2 != q_labels[:, None]) & (I2 >= 0)
+    return I2[wrong]
+
+
+def memory_vectors(mem):
+    """(ids, labels, xb) of every live item: shard vectors reconstructed from the indexes, plus the delta."""
+    import faiss
+
+    from pipeline.index.shard import read_index
+    from pipeline.memory.compaction import index_ids
+
+    base = mem.base
+    ids_all, xb_all = [], []
+    for s in base.manifest.shards:
+        index = read_index(base.store.url(s.path), mmap=False)
+        # A hashtable direct map lets faiss reconstruct by external id (ids are not 0..n-1).
+        faiss.extract_index_ivf(index).set_direct_map_type(faiss.DirectMap.Hashtable)
+        ids = index_ids(index)
+        ids_all.append(ids)
+        xb_all.append(index.reconstruct_batch(ids) if len(ids) else np.zeros((0, base.dim), np.float32))
+    d_ids, d_xb = mem.delta.vectors()
+    ids_all.append(d_ids)
+    xb_all.append(d_xb)
+    ids = np.concatenate(ids_all)
+    xb = np.vstack(xb_all).astype(np.float32)
+    live = ~np.isin(ids, mem.tombstones.ids)
+    ids, xb = ids[live], xb[live]
+    return ids, _labels(mem, ids), xb
+
+
+def _labels(mem, ids: np.ndarray) -> np.ndarray:
+    base = mem.base
+    out = np.full(len(ids), -1, np.int64)
+    in_base = base.has_ids(ids)
+    if in_base.any():
+        p = np.searchsorted(base.ids_sorted, ids[in_base])
+        out[in_base] = base._labels[base._order[p]]
+    for j in np.flatnonzero(~in_base):
+        out[j] = mem.delta.meta[int(ids[j])]["label"]
+    return out
+
+
+def _self_query_task(memory_dir: str, version: int, q_ids, q_labels, xq, k: int, nprobe):
+    """One Ray task: open the memory read-only (pinned version) and search k+1 neighbours of the batch."""
+    from pipeline.memory.memory import VisualMemory
+
+    mem = VisualMemory(memory_dir, version=version, follow=False)
+    nb = mem.search(embeddings=xq, k=k + 1, nprobe=nprobe)
+    mem.close()
+    return q_ids, q_labels, nb.I, nb.labels
+
+
+def prune(mem, hard: bool = True, soft: bool = True, soft_k: Optional[int] = None, hard_k: int = 100,
+          threshold: Optional[int] = None, batch_size: int = 4096, nprobe: Optional[int] = None,
+          dry_run: bool = False) -> dict:
+    """Self-query the memory on Ray, count v per item, apply hard and/or soft pruning. Returns a report."""
+    import ray
+
+    cfg_mem = mem.cfg.memory if mem.cfg is not None else None
+    soft_k = int(soft_k or getattr(cfg_mem, "prune_k", 10))
+    threshold = int(threshold if threshold is not None else getattr(cfg_mem, "hard_prune_threshold", 128))
+    if not ray.is_initialized():
+        if mem.cfg is not None:
+            from pipeline.runtime import init_ray
+
+            init_ray(mem.cfg)
+        else:
+            ray.init(include_dashboard=False, log_to_driver=False)
+    ids, labels, xb = memory_vectors(mem)
+    kmax = max(soft_k, hard_k if hard else 0)
+    task = ray.remote(_self_query_task)
+    v_soft = np.zeros(len(ids), np.int64)
+    v_hard = np.zeros(len(ids), np.int64)
+    order = np.argsort(ids)
+    sorted_ids = ids[order]
+
+    def count(into, nbr_ids):
+        if len(nbr_ids):
+            p = np.searchsorted(sorted_ids, nbr_ids)
+            ok = (p < len(sorted_ids)) & (sorted_ids[np.clip(p, 0, len(sorted_ids) - 1)] == nbr_ids)
+            np.add.at(into, order[p[ok]], 1)
+
+    with phase(f"pruning self-query of {len(ids)} items (k={kmax}+1) on Ray"):
+        refs = [task.remote(mem.memory_dir, mem.version, ids[s:s + batch_size], labels[s:s + batch_size],
+                            xb[s:s + batch_size], kmax, nprobe) for s in range(0, len(ids), batch_size)]
+        from tqdm import tqdm
+
+        for ref in tqdm(refs, desc="self-query batches", disable=len(refs) < 2):
+            q_ids, q_labels, I, L = ray.get(ref)
+            count(v_soft, wrong_label_counts(q_ids, q_labels, I, L, soft_k))
+            if hard:
+                count(v_hard, wrong_label_counts(q_ids, q_labels, I, L, hard_k))
+    report = {"items": int(len(ids)), "soft_k": soft_k, "hard_k": hard_k, "threshold": threshold,
+              "v_soft_mean": float(v_soft.mean()) if len(ids) else 0.0,
+              "items_with_v_gt0": int((v_soft > 0).sum())}
+    if soft:
+        gamma = soft_gamma(v_soft)
+        report["gamma_version"] = None if dry_run else save_gamma(mem.memory_dir, ids, v_soft, gamma)
+        report["gamma_mean"] = float(gamma.mean()) if len(ids) else 1.0
+    if hard:
+        victims = ids[v_hard >= threshold]
+        report["hard_pruned"] = int(len(victims))
+        if not dry_run and len(victims):
+            mem.tombstones.add(victims.tolist(), reason="hard_prune")
+    if not dry_run:
+        mem.refresh()
+        from pipeline.memory.overlays import load_gamma
+
+        mem.gamma = load_gamma(mem.memory_dir)
+    report["v_soft"] = v_soft
+    report["v_hard"] = v_hard
+    report["ids"] = ids
+    return report
