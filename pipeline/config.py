@@ -233,6 +233,12 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Co
         raise ConfigError(f"cannot parse {cfg_path}: {e}") from e
     try:
         merged = OmegaConf.merge(schema, file_cfg)
+        # A mapping written in the file replaces the schema's default mapping rather than merging into it:
+        # `splits: {train: 0, val: 0}` (ImageNet) must not keep the default `test` split.
+        for dotted in ("data.splits",):
+            given = OmegaConf.select(file_cfg, dotted)
+            if given is not None:
+                OmegaConf.update(merged, dotted, given, merge=False)
     except OmegaConfBaseException as e:
         raise _explain(e) from e
     for ov in overrides:
