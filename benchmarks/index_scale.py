@@ -26,9 +26,19 @@ from pipeline.embed.parts import embeddings_of, iter_embedding_batches, to_table
 from pipeline.index.units import parse_count  # noqa: E402
 
 
-def clustered(rng, centers: np.ndarray, n: int, noise: float) -> np.ndarray:
-    x = centers[rng.integers(0, len(centers), n)] + noise * rng.standard_normal((n, centers.shape[1]),
-                                                                                 dtype=np.float32)
+LATENT = 24  # intrinsic dimension of the synthetic data
+
+
+def clustered(rng, space, n: int, noise: float) -> np.ndarray:
+    """Unit vectors around cluster centres in a LATENT-dim subspace, lifted to `dim` with a little ambient noise.
+
+    Real image embeddings have a low intrinsic dimension; isotropic noise in all `dim` directions would make
+    every point of a cluster nearly equidistant from the others, a case no compressed index (nor any real
+    workload) resembles.
+    """
+    centers, lift = space
+    z = centers[rng.integers(0, len(centers), n)] + noise * rng.standard_normal((n, LATENT), dtype=np.float32)
+    x = z @ lift + 0.02 * rng.standard_normal((n, lift.shape[1]), dtype=np.float32)
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
@@ -36,16 +46,18 @@ def write_data(emb_dir: str, n: int, dim: int, rows_per_part: int, seed: int = 0
     from tqdm import tqdm
 
     rng = np.random.default_rng(seed)
-    centers = rng.standard_normal((max(100, n // 2000), dim), dtype=np.float32)
+    centers = rng.standard_normal((max(100, n // 2000), LATENT), dtype=np.float32)
+    lift = rng.standard_normal((LATENT, dim), dtype=np.float32) / np.sqrt(LATENT)
+    space = (centers, lift)
     os.makedirs(emb_dir, exist_ok=True)
     for p, start in enumerate(tqdm(range(0, n, rows_per_part), desc="write parts", unit="part")):
         m = min(rows_per_part, n - start)
-        x = clustered(rng, centers, m, 0.35)
+        x = clustered(rng, space, m, 0.35)
         ids = np.arange(start, start + m, dtype=np.int64) * 2654435761 % (1 << 61) + 1  # spread, unique
         meta = {"id": ids, "key": [""] * m, "label": (ids % 100), "label_name": [""] * m,
                 "source": [""] * m, "shard": [""] * m}
         write_part(to_table(meta, x), os.path.join(emb_dir, f"part-{p:05d}.parquet"))
-    return clustered(rng, centers, 10000, 0.35)
+    return clustered(rng, space, 10000, 0.35)
 
 
 def latencies(fn, xq, n):

@@ -36,10 +36,22 @@ def _current_memory(cfg: Config, split: str):
     return manifest if manifest.build.get("fingerprint") == fingerprint else None
 
 
-def _first_test_image(cfg: Config, split: str) -> bytes:
+def _write_samples(cfg: Config, split: str, xq: np.ndarray, n: int) -> list:
+    """Write the first `n` query images and their vectors under <workdir>/samples, to try the other commands on."""
+    import io
+    import itertools
+
     from pipeline.data.shards import iter_split_samples
 
-    return next(iter(iter_split_samples(cfg.shards_dir(split))))["image"]
+    folder = storage.join(cfg.workdir, "samples")
+    images = []
+    for i, sample in enumerate(itertools.islice(iter_split_samples(cfg.shards_dir(split)), n)):
+        storage.atomic_write_bytes(storage.join(folder, f"{split}-{i}.{sample['image_format']}"), sample["image"])
+        images.append(sample["image"])
+    buf = io.BytesIO()
+    np.save(buf, xq[:n])
+    storage.atomic_write_bytes(storage.join(folder, "queries.npy"), buf.getvalue())
+    return images
 
 
 def run_demo(cfg: Config) -> int:
@@ -94,8 +106,9 @@ def run_demo(cfg: Config) -> int:
             print(f"      {nb.key:28s} {nb.label_name:12s} distance {nb.distance:.3f}  weight {nb.weight:.2f}")
 
     _banner("5/6 explain, add, delete")
+    samples = _write_samples(cfg, test, xq, 3)
     sheet = storage.join(cfg.workdir, "explain.png")
-    pred = mem.explain(image=_first_test_image(cfg, test), k=k, out=sheet)
+    pred = mem.explain(image=samples[0], k=k, out=sheet)
     print(f"explain {keys[0]}: predicted {pred.label_name}; votes "
           + ", ".join(f"{c}={s:.0f}" for c, s in sorted(pred.scores.items(), key=lambda kv: -kv[1]) if s > 0)
           + f"; sheet written to {sheet}")
@@ -128,5 +141,7 @@ def run_demo(cfg: Config) -> int:
           f"{stats['tombstones']} tombstones, {stats['delta_items']} in the delta")
     print(f"top-1 (k={k}, plurality): ANN {ann:.4f}, exact {exact:.4f}; demo finished in "
           f"{time.perf_counter() - t_start:.0f} s")
+    print(f"query images and vectors to try the other commands on: {storage.join(cfg.workdir, 'samples')}/ "
+          f"(e.g. `vmem classify {storage.join(cfg.workdir, 'samples', 'test-0.png')}`)")
     mem.close()
     return 0

@@ -50,7 +50,7 @@ def _query_args(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--image", nargs="+", help="image file(s) to embed with the memory's encoder and search")
     g.add_argument("--vectors", help=".npy file of (n, dim) query vectors")
-    p.add_argument("-k", type=int, default=10, help="neighbours per query (default 10)")
+    p.add_argument("-k", "--k", type=int, default=10, help="neighbours per query (default 10)")
     p.add_argument("--nprobe", type=int, default=None, help="lists to probe (default: the manifest's)")
     p.add_argument("--version", type=int, default=None, help="memory version (default: CURRENT)")
 

@@ -21,7 +21,7 @@ def _open(cfg: Config):
 def _query_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("images", nargs="*", help="image files (local or s3://)")
     p.add_argument("--vectors", help="an .npy file of (n, dim) embeddings instead of images")
-    p.add_argument("--k", type=int, help="neighbours (default memory.k)")
+    p.add_argument("-k", "--k", type=int, help="neighbours (default memory.k)")
     p.add_argument("--method", help="vote method (default memory.method)")
     p.add_argument("--json", action="store_true", help="print full JSON (neighbours included)")
 
