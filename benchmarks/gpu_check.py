@@ -228,7 +228,7 @@ class GpuSampler:
             # csv: a header line "utilization.gpu [%]" then "87 %" per GPU; take GPU 0.
             lines = [ln for ln in out.splitlines()[1:] if ln.strip()]
             if lines:
-                self.samples.append(float(lines[0].split()[0]))
+                self.samples.append((time.perf_counter(), float(lines[0].split()[0])))
             self._stop.wait(self.period)
 
     def __enter__(self):
@@ -274,7 +274,7 @@ def check_stage(args) -> None:
         encoder = args.stage_encoder or ("dinov2_vitl14" if gpu else "efficientnet_lite0")
         overrides = [
             f"workdir={tmp / 'work'}", "data.source=image_folder", f"data.input={tmp / 'images'}",
-            "data.splits={train: 0}", f"data.samples_per_shard={max(1, n // 8)}", "data.image_format=jpg",
+            "data.splits={train: 0}", f"data.samples_per_shard={max(1, n // 32)}", "data.image_format=jpg",
             f"embed.encoder={encoder}", "embed.pretrained=false", f"embed.device={'cuda' if gpu else 'cpu'}",
             f"embed.batch_size={256 if gpu else 16}", f"embed.preprocess_batch_size={256 if gpu else 64}",
             f"embed.num_actors=1", f"embed.cpus_per_actor={4 if gpu else 1}",
@@ -290,18 +290,21 @@ def check_stage(args) -> None:
         with sampler:
             report = embed_split(cfg, "train")
         seconds = time.perf_counter() - t0
-        rows_done = getattr(report, "rows", None) or getattr(report, "count", None) or n
-        rate = rows_done / seconds
-        note = f"{encoder}, {n} images of {args.stage_image_px} px, 1 actor, incl. Ray start of actors"
-        if gpu and isinstance(sampler, GpuSampler) and sampler.samples:
-            s = np.array(sampler.samples)
+        # Steady state = after the first batch came back: actor start and model load are excluded, since
+        # on a GPU they can take longer than embedding a few thousand images.
+        rate = report.steady_images_per_s
+        note = (f"{encoder}, {n} images of {args.stage_image_px} px, 1 actor; {report.images_per_s:.0f} img/s "
+                f"including {report.warmup_seconds:.1f} s warm-up")
+        warm = t0 + report.warmup_seconds
+        if gpu and isinstance(sampler, GpuSampler) and any(t >= warm for t, _ in sampler.samples):
+            s = np.array([u for t, u in sampler.samples if t >= warm])
             busy = s[s > 0]
             note += (f"; GPU util mean {s.mean():.0f}%, median {np.median(s):.0f}%, max {s.max():.0f}% "
                      f"over {len(s)} samples ({len(busy)} non-zero, median of those "
                      f"{np.median(busy) if len(busy) else 0:.0f}%)")
             row("Ray embedding stage", "img/s", None, rate, note)
             row("Ray embedding stage GPU utilisation (mean of samples)", "%", None, float(s.mean()),
-                "nvidia-smi --query-gpu=utilization.gpu every 0.25 s")
+                "nvidia-smi --query-gpu=utilization.gpu every 0.25 s, after warm-up")
         else:
             row("Ray embedding stage", "img/s", rate, None,
                 note + ("; GPU utilisation skipped: no CUDA device" if not gpu else "; no nvidia-smi"))
@@ -337,7 +340,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--index-key", default=None, help="faiss factory string (default IVF1024,PQ32)")
     p.add_argument("--nprobe", type=int, default=16)
     p.add_argument("--train", type=int, default=65_536, help="training vectors")
-    p.add_argument("--stage-images", type=int, default=None, help="images for the Ray stage (default 4000)")
+    p.add_argument("--stage-images", type=int, default=None, help="images for the Ray stage (default 16000)")
     p.add_argument("--stage-image-px", type=int, default=None)
     p.add_argument("--stage-encoder", default=None, help="default dinov2_vitl14 on GPU, efficientnet_lite0 on CPU")
     p.add_argument("--image-size", type=int, default=56, help="encoder input size with --small")
@@ -345,7 +348,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     small = args.small
     defaults = dict(seconds=(1.0 if small else 5.0), nb=(20_000 if small else 1_000_000), dim=(64 if small else 256),
                     nq=(500 if small else 10_000), index_key=("IVF64,PQ16x4" if small else "IVF1024,PQ32"),
-                    stage_images=(200 if small else 4000), stage_image_px=(64 if small else 256))
+                    stage_images=(200 if small else 16000), stage_image_px=(64 if small else 256))
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)

@@ -2,7 +2,7 @@
 
 Fashion-MNIST -> WebDataset shards -> Ray embedding stage -> sharded IVF-PQ memory -> classify the test split
 through the Ray router (exact search beside it) -> neighbours, explain, add, delete, compact, evaluate.
-Every stage resumes, so a second run reuses what the first one wrote.
+Every stage resumes, so a second run reuses what the first one wrote. Returns the headline figures.
 """
 from __future__ import annotations
 
@@ -54,7 +54,7 @@ def _write_samples(cfg: Config, split: str, xq: np.ndarray, n: int) -> list:
     return images
 
 
-def run_demo(cfg: Config) -> int:
+def run_demo(cfg: Config) -> dict:
     from pipeline.data.shards import write_shards
     from pipeline.embed.parts import embeddings_of, read_embeddings
     from pipeline.embed.stage import embed_split
@@ -144,4 +144,6 @@ def run_demo(cfg: Config) -> int:
     print(f"query images and vectors to try the other commands on: {storage.join(cfg.workdir, 'samples')}/ "
           f"(e.g. `vmem classify {storage.join(cfg.workdir, 'samples', 'test-0.png')}`)")
     mem.close()
-    return 0
+    return {"ann": ann, "exact": exact, "add_visible": bool(top == added[0]), "deleted_returned": int(hits),
+            "compaction": report, "stats": stats, "recall": manifest.recall, "nprobe": manifest.nprobe,
+            "index_key": manifest.index_key}

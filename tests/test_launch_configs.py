@@ -218,9 +218,7 @@ def test_gpu_check_on_cpu_skips_gpu_rows(tmp_path):
     assert "faiss IVF64,PQ16x4" in proc.stdout  # the table was printed
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("VMEM_RUN_GPU_CHECK") != "1",
-                    reason="~50 s on 2 cores (Ray stage + ViT-L/14 init): set VMEM_RUN_GPU_CHECK=1 to run")
+@pytest.mark.slow  # ~50 s on 2 cores (Ray stage + ViT-L/14 init)
 def test_gpu_check_full_small_run(tmp_path):
     out = tmp_path / "check.json"
     proc = _run_gpu_check("--small", "--json", str(out), timeout=600)

@@ -53,14 +53,23 @@ class EmbedReport:
     skipped: int = 0  # undecodable images in this run
     total_rows: int = 0  # embeddings in the split (all runs)
     seconds: float = 0.0
+    warmup_seconds: float = 0.0  # until the first batch came back (actor start, model load)
+    warmup_rows: int = 0  # images in that first batch
 
     @property
     def images_per_s(self) -> float:
         return (self.rows + self.skipped) / self.seconds if self.seconds > 0 else 0.0
 
+    @property
+    def steady_images_per_s(self) -> float:
+        """Throughput after the first batch: what the pipeline sustains once actors and models are up."""
+        busy = self.seconds - self.warmup_seconds
+        return (self.rows + self.skipped - self.warmup_rows) / busy if busy > 0 else 0.0
+
     def summary(self) -> str:
         line = (f"{self.split}: {self.rows} embeddings ({self.encoder}, dim {self.dim}) from {self.shards_embedded} "
-                f"shards in {self.seconds:.1f} s ({self.images_per_s:.1f} images/s), {self.skipped} images "
+                f"shards in {self.seconds:.1f} s ({self.images_per_s:.1f} images/s; {self.steady_images_per_s:.1f} "
+                f"after {self.warmup_seconds:.1f} s warm-up), {self.skipped} images "
                 f"skipped, {self.shards_resumed} shards already done; {self.total_rows} rows in {self.out_dir}")
         if self.shards_failed:
             line += f"\n  FAILED (re-run to retry): {', '.join(self.shards_failed)}"
@@ -269,7 +278,10 @@ def embed_split(cfg, split: str) -> EmbedReport:
     writer = _PartWriter(out_dir, manifest, manifest_url, report)
     with phase(f"embed {split} ({len(todo)} shards, {e.encoder} on {device})") as timing:
         try:
+            t0 = time.perf_counter()
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                if not report.warmup_seconds:
+                    report.warmup_seconds, report.warmup_rows = time.perf_counter() - t0, len(batch["valid"])
                 writer.add(batch, by_path)
                 bar.update(len(batch["valid"]))
                 bar.set_postfix(shards=f"{report.shards_embedded}/{len(todo)}", refresh=False)

@@ -1,17 +1,12 @@
 """Plots of evaluation results (matplotlib, Agg backend; written atomically to local paths or s3://)."""
 from __future__ import annotations
 
-import io
-
-from pipeline import storage
+from pipeline.figures import pyplot, save_png
 
 
 def plot_accuracy(table, out: str) -> str:
     """Accuracy vs k, one line per (search, method); exact search dashed."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for (search, method), accs in table.rows.items():
@@ -22,9 +17,4 @@ def plot_accuracy(table, out: str) -> str:
     ax.set_title(f"kNN accuracy vs k ({table.n_queries} queries)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    storage.atomic_write_bytes(out, buf.getvalue())
-    return out
+    return save_png(fig, out, dpi=100)

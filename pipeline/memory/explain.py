@@ -4,7 +4,7 @@ from __future__ import annotations
 import io
 import math
 
-from pipeline import storage
+from pipeline.figures import pyplot, save_png
 
 
 def _thumb(mem, item_id: int):
@@ -18,10 +18,7 @@ def _thumb(mem, item_id: int):
 
 def render_sheet(mem, pred, query_image, out: str, cols: int = 5) -> str:
     """Write a PNG at `out` (local or s3://): query, neighbours (image, label, d, weight), vote totals."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     nbrs = pred.neighbors
     rows = 1 + math.ceil(len(nbrs) / cols)
@@ -47,9 +44,4 @@ def render_sheet(mem, pred, query_image, out: str, cols: int = 5) -> str:
         ax.set_title(f"#{j} {n.label_name}{relabel}\nd={n.distance:.3f} w={n.weight:.3g}{extra}", fontsize=8,
                      color="green" if n.label == pred.label else "red")
         ax.axis("off")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80)
-    plt.close(fig)
-    storage.atomic_write_bytes(out, buf.getvalue())
-    return out
+    return save_png(fig, out, dpi=80)

@@ -168,17 +168,16 @@ def create_api(cfg: Config, memory: Any, token: Optional[str] = None) -> FastAPI
                 return fn(*args, **kwargs)
         return await run_in_threadpool(locked)
 
-    async def read_query(request: Request) -> Dict[str, Any]:
-        """Parse a classify/search body: multipart (image file + form fields) or JSON (embedding)."""
+    async def read_input(request: Request, form_fields, wrong_type: str):
+        """({"images": [...]} or {"embeddings": array}, other fields) from a multipart image upload (with
+        `form_fields` as form fields) or a JSON body with an `embedding`; 422 with `wrong_type` otherwise."""
         ctype = request.headers.get("content-type", "")
         if ctype.startswith("multipart/form-data"):
             form = await request.form()
             upload = form.get("image")
             if upload is None or not hasattr(upload, "read"):
                 raise ApiError(422, "multipart requests need an `image` file field")
-            image = parse_image(await upload.read())
-            fields = {k: form.get(k) for k in ("k", "method", "params", "nprobe")}
-            return {"images": [image], **fields}
+            return {"images": [parse_image(await upload.read())]}, {k: form.get(k) for k in form_fields}
         if ctype.startswith("application/json"):
             try:
                 body = await request.json()
@@ -186,9 +185,15 @@ def create_api(cfg: Config, memory: Any, token: Optional[str] = None) -> FastAPI
                 raise ApiError(422, "request body is not valid JSON")
             if not isinstance(body, dict) or "embedding" not in body:
                 raise ApiError(422, "JSON requests need an `embedding` field (a list of numbers)")
-            emb = parse_embedding(body["embedding"], _memory_dim(memory))
-            return {"embeddings": emb, **{k: body.get(k) for k in ("k", "method", "params", "nprobe")}}
-        raise ApiError(422, "send an image as multipart/form-data (field `image`) or an embedding as JSON")
+            return {"embeddings": parse_embedding(body["embedding"], _memory_dim(memory))}, body
+        raise ApiError(422, wrong_type)
+
+    async def read_query(request: Request) -> Dict[str, Any]:
+        """Parse a classify/search body: multipart (image file + form fields) or JSON (embedding)."""
+        data, fields = await read_input(request, ("k", "method", "params", "nprobe"),
+                                        "send an image as multipart/form-data (field `image`) or an embedding "
+                                        "as JSON")
+        return {**data, **{k: fields.get(k) for k in ("k", "method", "params", "nprobe")}}
 
     def query_args(q: Dict[str, Any]) -> Dict[str, Any]:
         args: Dict[str, Any] = {"k": parse_k(q.get("k"), sc.max_k, cfg.memory.k)}
@@ -267,24 +272,8 @@ def create_api(cfg: Config, memory: Any, token: Optional[str] = None) -> FastAPI
         """Multipart fields: image, label (int), label_name?, source? (default `api`), key? (generated if
         absent). Or JSON `{"embedding": [...], "label": 3, ...}`. Returns the new item's id and key."""
         need_write(request)
-        ctype = request.headers.get("content-type", "")
-        if ctype.startswith("multipart/form-data"):
-            form = await request.form()
-            upload = form.get("image")
-            if upload is None or not hasattr(upload, "read"):
-                raise ApiError(422, "multipart requests need an `image` file field")
-            data: Dict[str, Any] = {"images": [parse_image(await upload.read())]}
-            fields = {k: form.get(k) for k in ("label", "label_name", "source", "key")}
-        elif ctype.startswith("application/json"):
-            try:
-                fields = await request.json()
-            except ValueError:
-                raise ApiError(422, "request body is not valid JSON")
-            if not isinstance(fields, dict) or "embedding" not in fields:
-                raise ApiError(422, "JSON requests need an `embedding` field (a list of numbers)")
-            data = {"embeddings": parse_embedding(fields["embedding"], _memory_dim(memory))}
-        else:
-            raise ApiError(422, "send multipart/form-data (image + label) or JSON (embedding + label)")
+        data, fields = await read_input(request, ("label", "label_name", "source", "key"),
+                                        "send multipart/form-data (image + label) or JSON (embedding + label)")
         if fields.get("label") in (None, ""):
             raise ApiError(422, "label (an integer class id) is required")
         label = parse_int(fields.get("label"), "label")
