@@ -6,6 +6,7 @@ Every command takes `--config FILE` (default: the embedded `configs/demo.yaml`) 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
@@ -25,6 +26,8 @@ class Command:
 
 
 COMMANDS: Dict[str, Command] = {}
+OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)*=")  # a config key (dotted) followed by '='
+
 
 
 def command(name: str, help: str, example: str, add_args=None, needs_config: bool = True):
@@ -54,10 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for cmd in COMMANDS.values():
-        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help, epilog=f"example:\n  {cmd.example}",
+        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help,
+                           usage=f"vmem {cmd.name} [options] [key=value ...]",
+                           epilog="key=value arguments override the config, e.g. memory.k=20 "
+                                  f"workdir=s3://bucket/prefix\n\nexample:\n  {cmd.example}",
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         p.add_argument("--config", default=DEFAULT_CONFIG, help=f"experiment YAML (default {DEFAULT_CONFIG})")
-        p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. memory.k=20")
         if cmd.add_args:
             cmd.add_args(p)
     return parser
@@ -67,18 +72,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     from pipeline.runtime import setup_logging
 
     parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `key=value` config overrides are taken out first, so that commands can have positional arguments
+    # (image paths) and overrides may stand anywhere on the line.
+    overrides = [a for a in argv if OVERRIDE.match(a)]
+    args = parser.parse_args([a for a in argv if not OVERRIDE.match(a)])
     if args.command is None:
         parser.print_help()
         return 0
-    # Overrides may come after options (argparse leaves them in `extra`); anything else is an error.
-    unknown = [a for a in extra if "=" not in a or a.startswith("-")]
-    if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     setup_logging(args.log_level)
     cmd = COMMANDS[args.command]
     try:
-        cfg = load_config(args.config, list(args.overrides) + extra)
+        cfg = load_config(args.config, overrides)
     except ConfigError as e:
         print(f"vmem {cmd.name}: config error: {e}", file=sys.stderr)
         return 2
