@@ -68,7 +68,7 @@ class EmbedConfig:
     device: str = "auto"  # auto | cpu | cuda
     preprocess_batch_size: int = 64
     rows_per_part: int = 4096
-    torch_threads: Optional[int] = None  # intra-op threads per encoder actor; None = torch's default (all cores)
+    torch_threads: Optional[int] = None  # intra-op threads per CPU encoder actor; None = node cores / num_actors
     max_failed_shards: int = 0  # tars that may fail to read (e.g. truncated) before the stage gives up
 
 

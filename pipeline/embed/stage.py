@@ -265,8 +265,11 @@ def embed_split(cfg, split: str) -> EmbedReport:
     ds = ds.map_batches(decode_and_preprocess, fn_kwargs={"spec": identity["preprocessing"]},
                         batch_size=e.preprocess_batch_size, batch_format="numpy", num_cpus=1,
                         memory=2 * batch_bytes + 320 * 2**20)  # + a Python worker's own footprint
+    # Ray pins an actor's OMP/torch threads to its num_cpus (1 by default), which would leave a CPU encoder on
+    # one core while decode tasks are light; a CPU encoder gets the node's cores shared among the actors.
+    threads = e.torch_threads or (None if device == "cuda" else max(1, (os.cpu_count() or 1) // e.num_actors))
     ds = ds.map_batches(EncoderActor, fn_constructor_args=(e.encoder, e.pretrained, e.image_size, device,
-                                                           e.torch_threads),
+                                                           threads),
                         compute=ActorPoolStrategy(size=e.num_actors), batch_size=e.batch_size,
                         batch_format="numpy", num_gpus=1 if device == "cuda" else 0, num_cpus=e.cpus_per_actor)
 
