@@ -79,12 +79,12 @@ def run_demo(cfg: Config) -> dict:
     _banner(f"3/6 sharded memory ({cfg.index.num_shards} shards)")
     manifest = _current_memory(cfg, train)
     if manifest is None:
-        manifest = build_memory(cfg, train)
+        manifest = build_memory(cfg, train)  # logs the recall table as it measures it
     else:
         print(f"memory v{manifest.version} is up to date with the {train} embeddings: reusing it")
+        print(format_table(manifest.recall, manifest.nprobe))
     print(f"memory v{manifest.version}: {manifest.count:,} items x {manifest.dim}-d in {manifest.num_shards} "
           f"shards, index {manifest.index_key}, nprobe {manifest.nprobe}")
-    print(format_table(manifest.recall, manifest.nprobe))
 
     _banner("4/6 classify the test split through the router (ANN) and by exact kNN")
     mem = VisualMemory.open(cfg.memory_dir, cfg=cfg, use_ray=True)
