@@ -22,7 +22,6 @@ class Command:
     example: str
     run: Callable[[Config, argparse.Namespace], int]
     add_args: Optional[Callable[[argparse.ArgumentParser], None]] = None
-    needs_config: bool = True
 
 
 COMMANDS: Dict[str, Command] = {}
@@ -30,11 +29,11 @@ OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)*=")  # a config key (dotted) follow
 
 
 
-def command(name: str, help: str, example: str, add_args=None, needs_config: bool = True):
+def command(name: str, help: str, example: str, add_args=None):
     """Register a `vmem NAME` subcommand; `example` is shown in its --help and must run as written."""
 
     def wrap(fn):
-        COMMANDS[name] = Command(name, help, example, fn, add_args, needs_config)
+        COMMANDS[name] = Command(name, help, example, fn, add_args)
         return fn
 
     return wrap

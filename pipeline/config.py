@@ -256,8 +256,9 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Co
     return cfg
 
 
-def to_yaml(cfg: Config) -> str:
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+def to_dict(cfg: Config) -> Dict[str, Any]:
+    """A plain dict of the config, safe to send to Ray workers; `from_dict` turns it back into a Config."""
+    return dataclasses.asdict(cfg)
 
 
 def from_dict(d: Dict[str, Any]) -> Config:

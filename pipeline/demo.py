@@ -24,7 +24,8 @@ def _ms(seconds: float) -> str:
 
 
 def _current_memory(cfg: Config, split: str):
-    """The committed manifest if it was built from exactly the current `split` embeddings, else None."""
+    """The committed manifest if it was built from exactly the current `split` embeddings with the configured
+    shard count, else None."""
     from pipeline.index.build import scan_inputs
     from pipeline.index.manifest import ManifestStore
 
@@ -33,7 +34,8 @@ def _current_memory(cfg: Config, split: str):
         return None
     manifest = store.load()
     _, _, fingerprint = scan_inputs(cfg.embeddings_dir(split))
-    return manifest if manifest.build.get("fingerprint") == fingerprint else None
+    same = manifest.build.get("fingerprint") == fingerprint and manifest.num_shards == cfg.index.num_shards
+    return manifest if same else None
 
 
 def _write_samples(cfg: Config, split: str, xq: np.ndarray, n: int) -> list:

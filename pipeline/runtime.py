@@ -1,10 +1,8 @@
-"""Process-level plumbing shared by every stage: logging, Ray start-up, phase timing, metrics files."""
+"""Process-level plumbing shared by every stage: logging, Ray start-up, phase timing."""
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
-import os
 import time
 from typing import Iterator
 
@@ -38,7 +36,7 @@ def init_ray(cfg) -> None:
     storage.configure(cfg.storage)
     if ray.is_initialized():
         return
-    env_vars = {k: v for k, v in os.environ.items() if k.startswith("VMEM_") or k.startswith("AWS_")}
+    env_vars = storage.worker_env()
     runtime_env = {"env_vars": env_vars} if env_vars else None
     kwargs = dict(include_dashboard=cfg.ray.include_dashboard, log_to_driver=True,
                   ignore_reinit_error=True, runtime_env=runtime_env)
@@ -53,7 +51,3 @@ def init_ray(cfg) -> None:
     except Exception:  # pragma: no cover - older Ray
         pass
 
-
-def config_dict(cfg) -> dict:
-    """A plain dict of the config, safe to send to Ray workers and to store in manifests."""
-    return dataclasses.asdict(cfg)

@@ -29,6 +29,11 @@ def configure(storage_cfg: Any) -> None:
         os.environ[ENV_REGION] = storage_cfg.s3_region
 
 
+def worker_env() -> dict:
+    """The environment variables that carry storage settings and credentials (VMEM_*, AWS_*) to Ray workers."""
+    return {k: v for k, v in os.environ.items() if k.startswith(("VMEM_", "AWS_"))}
+
+
 def storage_options(url: str) -> dict:
     """fsspec keyword arguments for `url` (S3 endpoint/region from the environment set by `configure`)."""
     if not is_remote(url):

@@ -25,8 +25,7 @@ import numpy as np
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from pipeline.config import Config, from_dict
-from pipeline.runtime import config_dict
+from pipeline.config import Config, from_dict, to_dict
 
 log = logging.getLogger("vmem.serve")
 
@@ -176,7 +175,7 @@ def build_app(cfg: Config):
     from pipeline.index.manifest import ManifestStore
 
     manifest = ManifestStore(cfg.memory_dir).load()  # NotFound with a hint when nothing is built yet
-    d = config_dict(cfg)
+    d = to_dict(cfg)
     opts = _deployment_options(cfg)
     shards = [ShardDeployment.options(name=f"shard-{e.shard:03d}", **opts).bind(cfg.memory_dir, e.shard, d)
               for e in manifest.shards]
