@@ -288,7 +288,7 @@ def test_s3_shards_round_trip_via_s3fs_and_ray(fmnist_dir, make_config, s3_serve
 
     pa_fs, path = storage.pyarrow_filesystem(out)
     # Ray workers may have started before the S3 fixture set credentials: hand them the environment.
-    env = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "VMEM_"))}
+    env = storage.worker_env()
     rows = ray.data.read_webdataset(path, filesystem=pa_fs, runtime_env={"env_vars": env}).take_all()
     assert sorted(r["json"]["key"] for r in rows) == [s["key"] for s in samples]
     assert {r["cls"] for r in rows} == {s["label"] for s in samples}

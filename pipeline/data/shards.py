@@ -43,10 +43,6 @@ _PIL_FORMAT = {"png": "PNG", "jpg": "JPEG"}
 _MAX_TAR_KEY = 80  # ustar member names hold 100 characters; leave room for ".json" and a hash suffix
 
 
-def shard_name(split: str, index: int) -> str:
-    return f"{split}-{index:06d}.tar"
-
-
 def tar_key(key: str) -> str:
     """A `__key__` safe for tar members and webdataset grouping: [A-Za-z0-9_-] only, no dots, short.
 

@@ -269,8 +269,9 @@ def image_folder(input: str, split: str, limit: int = 0, handler: Handler = rera
     splits = _subdirs(fs, root)
     if split not in splits:
         raise NotFound(f"split folder {split!r} not found under {input}; found: {', '.join(splits) or 'none'}")
-    classes = sorted(set(itertools.chain.from_iterable(_subdirs(fs, f"{root}/{s}") for s in splits)))
-    present = _subdirs(fs, f"{root}/{split}")
+    class_dirs = {s: _subdirs(fs, f"{root}/{s}") for s in splits}
+    classes = sorted(set(itertools.chain.from_iterable(class_dirs.values())))
+    present = class_dirs[split]
     if not present:
         raise NotFound(f"{input}/{split} holds no class folders (expected {split}/<class>/<images>)")
     per_class = [_image_files(fs, f"{root}/{split}/{c}") for c in present]

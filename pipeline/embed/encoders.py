@@ -29,7 +29,6 @@ its cache) and fails with a `UserError` saying so instead of hanging.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -147,9 +146,6 @@ class _EfficientNetFeatures(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net.extract_features(x).mean(dim=(2, 3))
-
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net._fc(self.forward(x))
 
 
 def _efficientnet_weights_path(variant: int) -> str:
@@ -321,4 +317,4 @@ def clip_vitl14(pretrained: bool = True, image_size: Optional[int] = None) -> En
 def describe(encoder: Encoder) -> dict:
     """What a manifest records about an encoder (enough to refuse mixing embeddings of two encoders)."""
     return {"encoder": encoder.name, "dim": encoder.dim, "pretrained": encoder.pretrained,
-            "image_size": encoder.image_size, "preprocessing": dataclasses.asdict(encoder.preprocess)}
+            "image_size": encoder.image_size, "preprocessing": encoder.preprocess.to_dict()}

@@ -25,7 +25,7 @@ import numpy as np
 
 from pipeline import storage
 from pipeline.embed import parts
-from pipeline.embed.encoders import Encoder, create_encoder, describe, resolve_device
+from pipeline.embed.encoders import Encoder, create_encoder, describe
 from pipeline.embed.preprocess import PreprocessSpec, decode_image, preprocess
 from pipeline.errors import DataError, NotFound, UserError
 from pipeline.runtime import phase
@@ -157,12 +157,11 @@ class EncoderActor:
 
 def _shard_list(shards_dir: str) -> List[dict]:
     """[{name, url, index, expected}] of the split's tars, from `_shards.json` when present, else a listing."""
-    from pipeline.data.shards import INDEX_NAME
+    from pipeline.data.shards import read_shard_index
 
-    index_url = storage.join(shards_dir, INDEX_NAME)
-    if storage.exists(index_url):
-        entries = [(s["name"], s.get("count")) for s in storage.read_json(index_url)["shards"]]
-    else:
+    try:
+        entries = [(s["name"], s.get("count")) for s in read_shard_index(shards_dir)["shards"]]
+    except NotFound:
         entries = [(n, None) for n in storage.listdir(shards_dir) if n.endswith(".tar")]
     if not entries:
         raise NotFound(f"no WebDataset shards under {shards_dir}: run `vmem shards` first")
@@ -254,7 +253,7 @@ def embed_split(cfg, split: str) -> EmbedReport:
     ctx.max_errored_blocks = int(e.max_failed_shards)
     # Read tasks get this process's storage environment (S3 endpoint, credentials): workers started before
     # `storage.configure` / credentials were set would otherwise not see them.
-    env = {k: v for k, v in os.environ.items() if k.startswith(("AWS_", "VMEM_"))}
+    env = storage.worker_env()
     ds = ray.data.read_webdataset(list(by_path), filesystem=fs, decoder=None, override_num_blocks=len(todo),
                                   runtime_env={"env_vars": env} if env and storage.is_remote(todo[0]["url"]) else None)
     # Decode/preprocess runs in its own CPU tasks, each reserving the memory its output batch needs. Remote
@@ -297,16 +296,11 @@ def embed_split(cfg, split: str) -> EmbedReport:
         st = manifest["shards"][s["name"]]
         if st["status"] == "done":
             continue
-        if s["expected"] == 0 or (s["expected"] is None and s["name"] not in writer.failed_reads):
-            writer.write_shard(s, [], [])  # an empty tar is done with 0 rows
-        else:
+        if not s["expected"]:  # 0, or unknown (no `_shards.json`): an empty tar is done with 0 rows
+            writer.write_shard(s, [], [])
+        else:  # fewer rows than `_shards.json` promised (the writer refused to write a part for it)
             st["status"] = "failed"
             report.shards_failed.append(s["url"])
-    for name in writer.failed_reads:
-        manifest["shards"][name]["status"] = "failed"
-        url = manifest["shards"][name]["url"]
-        if url not in report.shards_failed:
-            report.shards_failed.append(url)
     _write_manifest(manifest_url, manifest)
     report.total_rows = manifest["counts"]["rows"]
     log.info("%s", report.summary())
@@ -321,7 +315,6 @@ class _PartWriter:
         self.current: Optional[dict] = None
         self.chunks: List[Dict[str, np.ndarray]] = []
         self.finished: set = set()
-        self.failed_reads: set = set()
 
     def add(self, batch: Dict[str, np.ndarray], by_path: Dict[str, dict]) -> None:
         paths = batch["shard_path"]
@@ -352,8 +345,7 @@ class _PartWriter:
         if shard["expected"] is not None and rows + skipped < shard["expected"]:
             # Fewer samples than the tar holds: its read failed part-way (Ray dropped the errored block).
             log.error("%s: got %d of %d samples; marking it failed", shard["url"], rows + skipped, shard["expected"])
-            self.failed_reads.add(shard["name"])
-            return
+            return  # left not done: `embed_split` records it failed
         # A part even for 0 rows: its existence is what tells a re-run that this tar is done.
         if rows:
             meta = {"id": cols["id"][valid].tolist(), "key": [str(k) for k in cols["key"][valid]],
