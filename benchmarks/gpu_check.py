@@ -22,7 +22,7 @@ CUDA 13 could be installed there, so the faiss GPU row was skipped):
   dinov2_vitl14 224 px (random)  CPU 5.1 img/s    GPU 2,073 img/s   (406x)
   IVF4096,PQ32 1M x 256, nprobe 16, 10k queries: CPU 49,406 QPS; exact bf16 matmul on GPU 113,336 QPS
   (IVF-PQ top-10 overlap with exact: 0.185 on this synthetic data - PQ32 caps recall, as in docs/peers)
-  Ray embedding stage, dinov2_vitl14, 4,000 JPEGs of 256 px, 1 actor: 113 img/s, GPU utilisation mean 2%
+  Ray embedding stage, dinov2_vitl14, 4,000 JPEGs of 256 px, 1 actor: 113 img/s, GPU utilisation mean 2% (an earlier version: end to end incl. actor start-up; steady state now measured, not yet re-run)
   (max 46%): the stage is bound by CPU decode/preprocess, not by the GPU.
 """
 from __future__ import annotations
@@ -155,13 +155,10 @@ def qps(search: Callable[[], object], nq: int, seconds: float) -> float:
     return n * nq / (time.perf_counter() - t0)
 
 
-def overlap(I1: np.ndarray, I2: np.ndarray) -> float:
-    """Mean fraction of ids shared by two (nq, k) result lists."""
-    return float(np.mean([len(set(a) & set(b)) / len(a) for a, b in zip(I1, I2)]))
-
-
 def check_faiss(args) -> None:
     import faiss
+
+    from pipeline.index.recall import recall_at  # the top-k overlap of two (nq, k) id arrays
 
     nb, d, nq, k, nprobe = args.nb, args.dim, args.nq, 10, args.nprobe
     key = args.index_key
@@ -190,7 +187,7 @@ def check_faiss(args) -> None:
         faiss.GpuParameterSpace().set_index_parameter(gindex, "nprobe", nprobe)
         _, I_gpu = gindex.search(xq, k)
         gpu = qps(lambda: gindex.search(xq, k), nq, args.seconds)
-        note = f"GPU/CPU {gpu / cpu:.1f}x; GPU top-{k} overlap with CPU {overlap(I_cpu, I_gpu):.3f}"
+        note = f"GPU/CPU {gpu / cpu:.1f}x; GPU top-{k} overlap with CPU {recall_at(I_gpu, I_cpu, k):.3f}"
     row(f"faiss {key} nprobe={nprobe} search, {nq:,} queries k={k}", "QPS", cpu, gpu, note)
 
     if cuda_available():
@@ -207,7 +204,7 @@ def check_faiss(args) -> None:
         g = qps(exact, nq, args.seconds)
         _, I_ex = torch.topk(xq_t @ xb_t.T, k, dim=1)
         row(f"exact search (bf16 matmul + topk, torch) on {nb:,} x {d}", "QPS", None, g,
-            f"IVF-PQ CPU top-{k} overlap with exact {overlap(I_cpu, I_ex.cpu().numpy()):.3f}")
+            f"IVF-PQ CPU top-{k} overlap with exact {recall_at(I_cpu, I_ex.cpu().numpy(), k):.3f}")
         del xb_t, xq_t
         torch.cuda.empty_cache()
 

@@ -2,7 +2,7 @@
 # GPU path check: run once on a GPU machine (<= 8 minutes) to see what the GPU buys each heavy stage.
 #
 #   bash benchmarks/gpu_check.sh                 # full sizes: ViT-L/14 + lite0 img/s, 1M x 256 IVF-PQ QPS,
-#                                                # Ray embedding stage on 4,000 images + nvidia-smi utilisation
+#                                                # Ray embedding stage on 16,000 images + nvidia-smi utilisation
 #   bash benchmarks/gpu_check.sh --small         # tiny sizes (CPU smoke run, ~30-60 s on 2 cores)
 #   bash benchmarks/gpu_check.sh --json out.json # also write the table as JSON
 #
@@ -45,11 +45,11 @@ if [ -z "$PY" ]; then
   if [ -n "$PARENT_SITE" ]; then
     echo "$PARENT_SITE" > "$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/_vmem_parent_site.pth"
   fi
+  PIP=("$PY" -m pip install -q --disable-pip-version-check)
+  if [ -n "${VMEM_WHEELS:-}" ]; then
+    PIP+=(--no-index --find-links "$VMEM_WHEELS")
+  fi
   if ! have_project "$PY"; then
-    PIP=("$PY" -m pip install -q --disable-pip-version-check)
-    if [ -n "${VMEM_WHEELS:-}" ]; then
-      PIP+=(--no-index --find-links "$VMEM_WHEELS")
-    fi
     if [ "${VMEM_NO_DEPS:-0}" = 1 ]; then
       echo "gpu_check: installing the project (--no-deps) and the wheels in ${VMEM_WHEELS:-<none>}"
       "${PIP[@]}" --no-deps --no-build-isolation -e . || echo "gpu_check: editable install failed; using PYTHONPATH"
@@ -64,12 +64,10 @@ if [ -z "$PY" ]; then
   # GPU recipe: swap faiss-cpu for faiss-gpu only where a GPU exists and the GPU wheel can be installed.
   if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1 \
      && ! "$PY" -c "import faiss, sys; sys.exit(0 if hasattr(faiss, 'StandardGpuResources') else 1)" 2>/dev/null; then
-    GPU_PIP=("$PY" -m pip install -q --disable-pip-version-check)
-    [ -n "${VMEM_WHEELS:-}" ] && GPU_PIP+=(--no-index --find-links "$VMEM_WHEELS")
-    if "${GPU_PIP[@]}" --dry-run faiss-gpu-cu12==1.12.0 >/dev/null 2>&1; then
+    if "${PIP[@]}" --dry-run faiss-gpu-cu12==1.12.0 >/dev/null 2>&1; then
       echo "gpu_check: GPU recipe: faiss-cpu -> faiss-gpu-cu12==1.12.0"
       "$PY" -m pip uninstall -q -y faiss-cpu
-      "${GPU_PIP[@]}" faiss-gpu-cu12==1.12.0
+      "${PIP[@]}" faiss-gpu-cu12==1.12.0
     else
       echo "gpu_check: faiss-gpu-cu12==1.12.0 is not installable from here; keeping faiss-cpu (faiss GPU row skipped)"
     fi

@@ -22,7 +22,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pipeline.config import load_config  # noqa: E402
-from pipeline.embed.parts import embeddings_of, iter_embedding_batches, to_table, write_part  # noqa: E402
+from pipeline.embed.parts import to_table, write_part  # noqa: E402
 from pipeline.index.units import parse_count  # noqa: E402
 
 
@@ -95,11 +95,13 @@ def main() -> int:
     import faiss
     import ray
 
-    from pipeline.index.build import build_memory
+    from pipeline.index.build import build_memory, vector_batches
+    from pipeline.index.keys import key_cost
     from pipeline.index.manifest import ManifestStore
     from pipeline.index.recall import exact_knn, recall_at
     from pipeline.index.router import Router
     from pipeline.index.shard import read_index
+    from pipeline.index.train import add_vectors
     from pipeline.runtime import setup_logging
 
     setup_logging("INFO")
@@ -120,12 +122,10 @@ def main() -> int:
     t = time.perf_counter()
     m = build_memory(cfg, "train")
     build_s = time.perf_counter() - t
-    ivf_code = faiss.extract_index_ivf(faiss.index_factory(d, m.index_key, faiss.METRIC_INNER_PRODUCT)).code_size
+    ivf_code = key_cost(m.index_key, d).code_size
 
     t = time.perf_counter()
-    chunks = ((embeddings_of(b), b.column("id").to_numpy())
-              for b in iter_embedding_batches(emb_dir, 250000, columns=["id", "embedding"]))
-    _, gt = exact_knn(xq, chunks, args.k)
+    _, gt = exact_knn(xq, vector_batches(emb_dir, 250000), args.k)
     exact_s = time.perf_counter() - t
 
     router = Router(cfg.memory_dir)
@@ -137,8 +137,8 @@ def main() -> int:
     store = ManifestStore(cfg.memory_dir)
     single = read_index(store.url(m.trained_path), m.trained_sha256, mmap=False)
     t = time.perf_counter()
-    for b in iter_embedding_batches(emb_dir, 250000, columns=["id", "embedding"]):
-        single.add_with_ids(embeddings_of(b), b.column("id").to_numpy())
+    for x, ids in vector_batches(emb_dir, 250000):
+        add_vectors(single, x, ids)
     single_add_s = time.perf_counter() - t
     faiss.extract_index_ivf(single).nprobe = m.nprobe
     _, sI = single.search(xq, args.k)

@@ -22,15 +22,16 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import time
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import storage
-from pipeline.embed.parts import MANIFEST_NAME, embeddings_of, iter_embedding_batches, part_urls
+from pipeline.embed.parts import MANIFEST_NAME, embeddings_of, iter_embedding_batches, part_urls, schema
 from pipeline.errors import DataError, NotFound, UserError
 from pipeline.index import train as tr
 from pipeline.index.keys import autofaiss_key, bytes_per_shard, key_cost, resolve_index_key
@@ -82,6 +83,12 @@ def gather_rows(emb_dir: str, positions: np.ndarray, batch_rows: int) -> Tuple[n
             ids.append(sub.column("id").to_numpy())
         start = end
     return np.concatenate(xs), np.concatenate(ids).astype(np.int64)
+
+
+def vector_batches(emb_dir: str, batch_rows: int) -> Iterator[Tuple[np.ndarray, np.ndarray]]:
+    """(vectors, ids) of the parts in batches of at most `batch_rows` rows, in storage order."""
+    for batch in iter_embedding_batches(emb_dir, batch_rows, columns=["id", "embedding"]):
+        yield embeddings_of(batch), batch.column("id").to_numpy()
 
 
 def encoder_info(emb_dir: str) -> Dict[str, Any]:
@@ -137,7 +144,7 @@ def populate_shard(memory_dir: str, version: int, shard: int, num_shards: int, t
             continue
         tr.add_vectors(index, embeddings_of(sub), sub.column("id").to_numpy())
         metas.append(sub.drop_columns(["embedding"]))
-    meta = pa.concat_tables(metas) if metas else _empty_meta()
+    meta = pa.concat_tables(metas) if metas else schema(index.d).empty_table().drop_columns(["embedding"])
     entry = save_shard(memory_dir, version, shard, index, meta)
     done = {"entry": entry.__dict__, "trained_sha256": trained_sha}
     storage.atomic_write_json(storage.join(memory_dir, _done_path(version, shard)), done)
@@ -147,12 +154,6 @@ def populate_shard(memory_dir: str, version: int, shard: int, num_shards: int, t
 def _size(url: str) -> int:
     fs, path = storage.filesystem(url)
     return int(fs.info(path)["size"])
-
-
-def _empty_meta() -> pa.Table:
-    return pa.table({"id": pa.array([], pa.int64()), "key": pa.array([], pa.string()),
-                     "label": pa.array([], pa.int64()), "label_name": pa.array([], pa.string()),
-                     "source": pa.array([], pa.string()), "shard": pa.array([], pa.string())})
 
 
 def _done_path(version: int, shard: int) -> str:
@@ -225,10 +226,9 @@ def _populate_all(cfg, store: ManifestStore, version: int, trained_rel: str, tra
     if entries:
         log.info("resuming: %d of %d shards already built and verified", len(entries), S)
     task = ray.remote(num_cpus=1)(populate_shard)
-    refs = {task.remote(store.memory_dir, version, s, S, store.url(trained_rel), trained_sha, emb_dir,
-                        int(cfg.index.build_batch_rows)): s for s in range(S) if s not in entries}
+    pending = [task.remote(store.memory_dir, version, s, S, store.url(trained_rel), trained_sha, emb_dir,
+                           int(cfg.index.build_batch_rows)) for s in range(S) if s not in entries]
     with tqdm(total=S, initial=len(entries), desc="populate shards", unit="shard") as bar:
-        pending = list(refs)
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)
             d = ray.get(ready[0])
@@ -251,8 +251,6 @@ def check_fits(cfg, key: str, n: int, dim: int) -> int:
     need = bytes_per_shard(cost, n, cfg.index.num_shards)
     have = parse_bytes(cfg.index.memory_per_node)
     if need > have:
-        import math
-
         shards = math.ceil(n * cost.bytes_per_item / max(have - cost.fixed_bytes, 1))
         raise UserError(
             f"the memory will not fit: {n:,} items x {cost.bytes_per_item} B ({key}) over {cfg.index.num_shards} "
@@ -321,9 +319,7 @@ def measure_recall(cfg, manifest: Manifest, emb_dir: str, n: int, dim: int,
 
     xq, source = query_vectors(cfg, emb_dir, n, dim, train_pos)
     k = min(100, n)
-    chunks = ((embeddings_of(b), b.column("id").to_numpy())
-              for b in iter_embedding_batches(emb_dir, cfg.index.build_batch_rows, columns=["id", "embedding"]))
-    _, gt = exact_knn(xq, chunks, k, cfg.index.metric)
+    _, gt = exact_knn(xq, vector_batches(emb_dir, cfg.index.build_batch_rows), k, cfg.index.metric)
     router = Router(cfg.memory_dir, manifest=manifest, use_ray=False)
     nlist = key_cost(manifest.index_key, dim, cfg.index.metric).nlist
     rows = recall_table(lambda q, kk, p: router.search(q, kk, nprobe=p).I, xq, gt, nlist,

@@ -26,6 +26,7 @@ from typing import Optional
 import faiss
 
 from pipeline.errors import UserError
+from pipeline.index.units import to_autofaiss
 
 ID_BYTES = 8  # each item's int64 id is stored beside its code in the inverted lists
 MIN_POINTS_PER_LIST = 39
@@ -88,8 +89,6 @@ def resolve_index_key(auto_key: Optional[str], n: int, d: int, budget_bytes: int
 def autofaiss_key(n: int, d: int, budget_bytes: int) -> Optional[str]:
     """autofaiss's first choice of key for n x d under a budget (no training: its selection rule only)."""
     from autofaiss.external.optimize import get_optimal_index_keys_v2
-
-    from pipeline.index.units import to_autofaiss
 
     keys = get_optimal_index_keys_v2(int(n), int(d), to_autofaiss(budget_bytes))
     return keys[0] if keys else None

@@ -14,6 +14,8 @@ from typing import Callable, Dict, Iterable, List, Tuple
 import faiss
 import numpy as np
 
+from pipeline.index.keys import metric_of
+
 log = logging.getLogger("vmem.index")
 
 
@@ -23,7 +25,7 @@ def exact_knn(xq: np.ndarray, chunks: Iterable[Tuple[np.ndarray, np.ndarray]], k
     from pipeline.index.router import merge_topk
 
     keep_max = metric == "ip"
-    mt = faiss.METRIC_INNER_PRODUCT if keep_max else faiss.METRIC_L2
+    mt = metric_of(metric)
     D = I = None
     for xb, ids in chunks:
         kk = min(k, len(xb))

@@ -22,7 +22,8 @@ import numpy as np
 from pipeline.embed.parts import check_vectors
 from pipeline.errors import UserError
 from pipeline.index.manifest import Manifest, ManifestStore
-from pipeline.index.shard import ExcludeSet, ShardSearcher
+from pipeline.index.shard import ExcludeSet, ExcludeShipper, ShardSearcher
+from pipeline.index.train import shard_of
 
 log = logging.getLogger("vmem.index")
 
@@ -101,7 +102,7 @@ class Router:
                             omp_threads=omp_threads or max(1, (os.cpu_count() or 1) // n))
         # num_cpus=0: searchers are long-lived and mostly idle; they must never block Ray tasks from running.
         self._actor_options = {"num_cpus": 0, **(actor_options or {})}
-        self._exclude_ref = None  # (version, ObjectRef of the ids) put once per exclude version
+        self._ship_exclude = ExcludeShipper()
         self.restarts = 0
         self.searchers: List[Any] = [self._make(i) for i in range(self.manifest.num_shards)]
         if use_ray:
@@ -127,14 +128,7 @@ class Router:
         return self.manifest.count
 
     def _exclude_for_actors(self, exclude: Optional[ExcludeSet]) -> Optional[ExcludeSet]:
-        if exclude is None or not self.use_ray:
-            return exclude
-        import ray
-
-        if self._exclude_ref is None or self._exclude_ref[0] != exclude.version:
-            self._exclude_ref = (exclude.version, ray.put(np.asarray(exclude.ids, dtype=np.int64)))
-        # Wrapped in a list so Ray does not resolve it: an actor caching this version never fetches the ids.
-        return ExcludeSet(exclude.version, [self._exclude_ref[1]])
+        return self._ship_exclude(exclude) if self.use_ray else exclude
 
     def search(self, xq: np.ndarray, k: int, nprobe: Optional[int] = None,
                exclude: Optional[ExcludeSet] = None) -> SearchResult:
@@ -175,10 +169,10 @@ class Router:
     def lookup(self, ids: Sequence[int]) -> Dict[str, np.ndarray]:
         """Metadata (labels, label_names, keys, sources) of ids, asked from the shard each id routes to."""
         ids = np.asarray(ids, dtype=np.int64)
-        n = len(self.searchers)
+        route = shard_of(ids, len(self.searchers))
         out = {"labels": np.full(len(ids), -1, np.int64), **{m: np.full(len(ids), "", object) for m in _META[1:]}}
-        for s in range(n):
-            sel = np.flatnonzero(ids % n == s)
+        for s in range(len(self.searchers)):
+            sel = np.flatnonzero(route == s)
             if len(sel) == 0:
                 continue
             if self.use_ray:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import os
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Sequence
 
@@ -47,6 +46,25 @@ class ExcludeSet:
     """
     version: Any
     ids: Any
+
+
+class ExcludeShipper:
+    """Ships ExcludeSets to remote searchers: the ids go into the Ray object store once per version, and the
+    searchers get them as a one-element list holding the ObjectRef (so Ray does not resolve it and an actor
+    that caches this version never fetches the ids again)."""
+
+    def __init__(self) -> None:
+        self._sent: Optional[ExcludeSet] = None
+
+    def __call__(self, exclude: Optional[ExcludeSet]) -> Optional[ExcludeSet]:
+        if exclude is None:
+            return None
+        if self._sent is None or self._sent.version != exclude.version:
+            import ray
+
+            ids = np.ascontiguousarray(exclude.ids, dtype=np.int64)
+            self._sent = ExcludeSet(exclude.version, [ray.put(ids)])
+        return self._sent
 
 
 # ---------------------------------------------------------------- files
@@ -166,7 +184,6 @@ class ShardSearcher:
         if self.index.ntotal != e.count:
             raise IntegrityError(f"shard {storage.join(memory_dir, e.path)} holds {self.index.ntotal} vectors, "
                                  f"the manifest says {e.count}")
-        self.ivf = faiss.extract_index_ivf(self.index)
         from pipeline.index.train import to_gpu, use_gpu
 
         if use_gpu(gpu):
@@ -210,6 +227,3 @@ class ShardSearcher:
         """Metadata of `ids` held by this shard (label -1 / empty strings for ids it does not hold)."""
         I = np.asarray(ids, dtype=np.int64).reshape(1, -1)
         return {k: v[0] for k, v in lookup_meta(self.meta, self.meta_ids, I).items()}
-
-    def pid(self) -> int:
-        return os.getpid()

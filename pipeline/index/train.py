@@ -1,4 +1,4 @@
-"""Training the one IVF index a memory shares, and the faiss mechanics around it (GPU, encode, add).
+"""Training the one IVF index a memory shares, and the faiss mechanics around it (GPU, serialize, add, routing).
 
 `train_index` trains on a sample and returns the trained-but-EMPTY index. Keys that autofaiss itself builds
 (its own choice, `IVF*,Flat`, `OPQ*,IVF*,PQ*`) are trained by `autofaiss.build_index` (which also fills the
@@ -6,7 +6,8 @@ index with the sample; we `reset()` it, keeping the trained quantizer, OPQ and P
 refuses for inner product (`IVF*,SQ8`, plain `IVF*,PQ*`) and explicit config keys are trained by faiss
 directly on the same sample.
 
-Reusable by the memory layer (compaction): `read_trained` / `write_index_bytes`, `encode`, `add_vectors`.
+Reusable by the memory layer (compaction, synthetic memories): `serialize`, `trained_clone`, `add_vectors`,
+`shard_of`.
 """
 from __future__ import annotations
 
@@ -46,10 +47,6 @@ def to_gpu(index: faiss.Index) -> faiss.Index:
     return faiss.index_cpu_to_all_gpus(index)
 
 
-def to_cpu(index: faiss.Index) -> faiss.Index:
-    return faiss.index_gpu_to_cpu(index) if hasattr(faiss, "index_gpu_to_cpu") and faiss.get_num_gpus() else index
-
-
 def train_index(xt: np.ndarray, key: str, metric: str = "ip", gpu: bool = False, budget_bytes: int = 2**30,
                 prefer_autofaiss: bool = True) -> Tuple[faiss.Index, str]:
     """Train `key` on `xt`; return (trained empty index, "autofaiss" | "faiss")."""
@@ -82,22 +79,9 @@ def serialize(index: faiss.Index) -> bytes:
     return faiss.serialize_index(index).tobytes()
 
 
-def deserialize(data: bytes) -> faiss.Index:
-    return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
-
-
-def set_nprobe(index: faiss.Index, nprobe: int) -> None:
-    faiss.extract_index_ivf(index).nprobe = int(nprobe)
-
-
 def add_vectors(index: faiss.Index, xb: np.ndarray, ids: np.ndarray) -> None:
     """Add vectors under their external int64 ids (the ids live in the inverted lists: no row positions)."""
     index.add_with_ids(np.ascontiguousarray(xb, dtype=np.float32), np.ascontiguousarray(ids, dtype=np.int64))
-
-
-def encode(index: faiss.Index, xb: np.ndarray) -> np.ndarray:
-    """Codes of `xb` under the trained index (standalone codec: list number + code), e.g. for a delta log."""
-    return index.sa_encode(np.ascontiguousarray(xb, dtype=np.float32))
 
 
 def shard_of(ids: np.ndarray, num_shards: int) -> np.ndarray:

@@ -20,24 +20,23 @@ _COUNT_UNITS = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}
 _NUMBER = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-zA-Z]*)\s*$")
 
 
-def parse_bytes(value: Union[str, int, float]) -> int:
-    """Bytes in `value`: an int, or a string such as "64MiB", "16GiB", "2G", "1e9"; raises UserError."""
+def _parse(value: Union[str, int, float], units: dict, what: str) -> int:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return int(value)
     m = _NUMBER.match(str(value))
-    if not m or m.group(2).lower() not in _BYTE_UNITS:
-        raise UserError(f"cannot read {value!r} as a size in bytes: write e.g. 64MiB, 16GiB, 2G or 1e9")
-    return int(float(m.group(1)) * _BYTE_UNITS[m.group(2).lower()])
+    if not m or m.group(2).lower() not in units:
+        raise UserError(f"cannot read {value!r} as {what}")
+    return int(float(m.group(1)) * units[m.group(2).lower()])
+
+
+def parse_bytes(value: Union[str, int, float]) -> int:
+    """Bytes in `value`: an int, or a string such as "64MiB", "16GiB", "2G", "1e9"; raises UserError."""
+    return _parse(value, _BYTE_UNITS, "a size in bytes: write e.g. 64MiB, 16GiB, 2G or 1e9")
 
 
 def parse_count(value: Union[str, int, float]) -> int:
     """A count such as 1000000, "1e9", "5M", "20k"; raises UserError."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return int(value)
-    m = _NUMBER.match(str(value))
-    if not m or m.group(2).lower() not in _COUNT_UNITS:
-        raise UserError(f"cannot read {value!r} as a count: write e.g. 1000000, 1e9, 5M or 20k")
-    return int(float(m.group(1)) * _COUNT_UNITS[m.group(2).lower()])
+    return _parse(value, _COUNT_UNITS, "a count: write e.g. 1000000, 1e9, 5M or 20k")
 
 
 def format_bytes(n: float) -> str:

@@ -55,16 +55,14 @@ def to_jsonable(obj: Any) -> Any:
     return obj
 
 
-def _neighbor_json(n: Any) -> dict:
-    d = to_jsonable(n)
-    if isinstance(d, dict) and "id" in d:
-        d["image_url"] = f"/v1/items/{int(d['id'])}/image"
-    return d
+def _image_url(item_id: int) -> str:
+    return f"/v1/items/{item_id}/image"
 
 
 def _prediction_json(p: Any) -> dict:
     d = to_jsonable(p)
-    d["neighbors"] = [_neighbor_json(n) for n in getattr(p, "neighbors", [])]
+    for n in d["neighbors"]:
+        n["image_url"] = _image_url(int(n["id"]))
     return d
 
 
@@ -78,7 +76,7 @@ def _search_rows(res: Any, row: int) -> List[dict]:
         sim = float(res.D[row, j])
         out.append({"id": i, "label": int(res.labels[row, j]), "label_name": str(res.label_names[row, j]),
                     "similarity": sim, "distance": 1.0 - sim, "key": str(res.keys[row, j]),
-                    "source": str(res.sources[row, j]), "image_url": f"/v1/items/{i}/image"})
+                    "source": str(res.sources[row, j]), "image_url": _image_url(i)})
     return out
 
 
@@ -188,20 +186,13 @@ def create_api(cfg: Config, memory: Any, token: Optional[str] = None) -> FastAPI
             return {"embeddings": parse_embedding(body["embedding"], _memory_dim(memory))}, body
         raise ApiError(422, wrong_type)
 
-    async def read_query(request: Request) -> Dict[str, Any]:
-        """Parse a classify/search body: multipart (image file + form fields) or JSON (embedding)."""
-        data, fields = await read_input(request, ("k", "method", "params", "nprobe"),
+    async def read_query(request: Request):
+        """A classify/search body, multipart (image file + form fields) or JSON (embedding), as (the memory
+        call's arguments: k and images or embeddings, the other fields)."""
+        data, fields = await read_input(request, ("k", "method", "params"),
                                         "send an image as multipart/form-data (field `image`) or an embedding "
                                         "as JSON")
-        return {**data, **{k: fields.get(k) for k in ("k", "method", "params", "nprobe")}}
-
-    def query_args(q: Dict[str, Any]) -> Dict[str, Any]:
-        args: Dict[str, Any] = {"k": parse_k(q.get("k"), sc.max_k, cfg.memory.k)}
-        if q.get("images") is not None:
-            args["images"] = q["images"]
-        else:
-            args["embeddings"] = q["embeddings"]
-        return args
+        return {"k": parse_k(fields.get("k"), sc.max_k, cfg.memory.k), **data}, fields
 
     # ---- pages ------------------------------------------------------------------------------------------
     @app.get("/", include_in_schema=False)
@@ -227,8 +218,7 @@ def create_api(cfg: Config, memory: Any, token: Optional[str] = None) -> FastAPI
         `{"embedding": [...], "k": 10, "method": "plurality", "params": {"tau": 0.07}}`. Returns the label, the
         vote per class and the k neighbours (id, label, distance, weight, image_url)."""
         need_read(request)
-        q = await read_query(request)
-        args = query_args(q)
+        args, q = await read_query(request)
         method = q.get("method") or cfg.memory.method
         from pipeline.memory.votes import get_method
 
@@ -242,8 +232,7 @@ def create_api(cfg: Config, memory: Any, token: Optional[str] = None) -> FastAPI
     @app.post("/v1/search", summary="the k nearest live items of an image or embedding")
     async def search(request: Request):
         need_read(request)
-        q = await read_query(request)
-        args = query_args(q)
+        args, _ = await read_query(request)
         res = await run_in_threadpool(lambda: memory.search(**args))
         return {"k": args["k"], "neighbors": _search_rows(res, 0)}
 
@@ -252,7 +241,7 @@ def create_api(cfg: Config, memory: Any, token: Optional[str] = None) -> FastAPI
         need_read(request)
         item = await run_in_threadpool(memory.get_item, _item_id(item_id))
         out = to_jsonable(item)
-        out["image_url"] = f"/v1/items/{item_id}/image"
+        out["image_url"] = _image_url(item_id)
         return out
 
     @app.get("/v1/items/{item_id}/image", summary="the stored image of one item")

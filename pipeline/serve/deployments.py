@@ -26,6 +26,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from pipeline.config import Config, from_dict, to_dict
+from pipeline.index.shard import ExcludeShipper
 
 log = logging.getLogger("vmem.serve")
 
@@ -101,29 +102,15 @@ class RemoteRouter:
     """The index layer's Router contract (`.search(xq, k, nprobe, exclude) -> SearchResult`) answered by the
     router deployment; called from the ingress's worker threads, so it may block on the handle.
 
-    The tombstone ids go to the object store once per distinct set (tagged with a digest), so shards fetch
-    and build their faiss selector once per set, not once per query.
+    The tombstone ids go to the object store once per exclude version (the memory tags an `ExcludeSet` with
+    its base version and tombstone-log position, which change whenever the ids do), so shards fetch and build
+    their faiss selector once per set, not once per query.
     """
 
     def __init__(self, handle: DeploymentHandle, version: int):
         self.handle = handle
         self.version = version
-        self._excl_key: Any = None
-        self._excl: Any = None
-
-    def _exclude(self, exclude):
-        if exclude is None:
-            return None
-        import hashlib
-
-        import ray
-        from pipeline.index.shard import ExcludeSet
-
-        ids = np.ascontiguousarray(exclude.ids if hasattr(exclude, "ids") else exclude, dtype=np.int64)
-        key = (self.version, len(ids), hashlib.blake2b(ids.tobytes(), digest_size=16).hexdigest())
-        if key != self._excl_key:
-            self._excl, self._excl_key = ExcludeSet(key, [ray.put(ids)]), key
-        return self._excl
+        self._exclude = ExcludeShipper()
 
     def search(self, xq: np.ndarray, k: int, nprobe: Optional[int] = None, exclude=None) -> Any:
         xq = np.ascontiguousarray(xq, dtype=np.float32)
@@ -143,8 +130,7 @@ def served_memory(cfg: Config, router: DeploymentHandle):
 
     class ServedMemory(VisualMemory):
         def _load(self, version):
-            lock = getattr(self, "_lock", None) or threading.RLock()
-            with lock:  # publish the base with its remote router already attached
+            with self._lock:  # publish the base with its remote router already attached
                 super()._load(version)
                 self.base._router = RemoteRouter(router, self.base.version)
 

@@ -89,14 +89,7 @@ async def _send_json(send, status: int, message: str) -> None:
 
 def parse_k(value: Any, max_k: int, default: int) -> int:
     """k as an int in 1..max_k (422 otherwise)."""
-    if value is None or value == "":
-        value = default
-    try:
-        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-            raise ValueError
-        k = int(value)
-    except (TypeError, ValueError):
-        raise ApiError(422, f"k must be an integer, got {value!r}")
+    k = parse_int(default if value is None or value == "" else value, "k")
     if not 1 <= k <= max_k:
         raise ApiError(422, f"k must be between 1 and {max_k} (serve.max_k), got {k}")
     return k
