@@ -141,13 +141,13 @@ def cmd_prune(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-def _pairs(values, key_type, what):
+def _pairs(values, key_type, what, value_type=float):
     out = {}
     for v in values or []:
         k, sep, w = v.partition(":")
         if not sep:
             raise UserError(f"{what} must look like KEY:VALUE, got {v!r}")
-        out[key_type(k)] = float(w) if what != "--relabel" else int(w)
+        out[key_type(k)] = value_type(w)
     return out
 
 
@@ -165,7 +165,7 @@ def cmd_intervene(cfg: Config, args: argparse.Namespace) -> int:
     v = _open(cfg).intervene(item_weights=_pairs(args.item, int, "--item"),
                              label_weights=_pairs(args.label_weight, int, "--label-weight"),
                              source_weights=_pairs(args.source_weight, str, "--source-weight"),
-                             relabel=_pairs(args.relabel, int, "--relabel"), clear=args.clear)
+                             relabel=_pairs(args.relabel, int, "--relabel", int), clear=args.clear)
     print(f"interventions version {v}")
     return 0
 

@@ -52,23 +52,17 @@ class AccuracyTable:
 def exact_neighbors(mem, xq: np.ndarray, k: int, xb: Optional[np.ndarray] = None,
                     ids: Optional[np.ndarray] = None) -> Neighbors:
     """Brute-force top-k over the memory's live items (given float vectors `xb`/`ids`, else reconstructed)."""
-    import faiss
-
-    from pipeline.memory.pruning import _labels, memory_vectors
+    from pipeline.index.recall import exact_knn
+    from pipeline.memory.pruning import item_labels, live_vectors, memory_vectors
 
     if xb is None:
         ids, _, xb = memory_vectors(mem)
     else:
-        d_ids, d_xb = mem.delta.vectors()
-        ids, xb = np.concatenate([ids, d_ids]), np.vstack([xb, d_xb])
-        live = ~np.isin(ids, mem.tombstones.ids)
-        ids, xb = ids[live], xb[live]
-    flat = faiss.IndexIDMap2(faiss.IndexFlatIP(xb.shape[1]))
-    flat.add_with_ids(np.ascontiguousarray(xb, dtype=np.float32), ids.astype(np.int64))
-    D, I = flat.search(np.ascontiguousarray(xq, dtype=np.float32), k)
+        ids, xb = live_vectors(mem, [ids], [xb])
+    D, I = exact_knn(xq, [(xb, ids)], k)
     valid = I >= 0
     labels = np.full(I.shape, -1, np.int64)
-    labels[valid] = _labels(mem, I[valid])
+    labels[valid] = item_labels(mem, I[valid])
     empty = np.full(I.shape, "", dtype=object)
     return Neighbors(np.where(valid, D, -np.inf), I, labels, empty.copy(), empty.copy(), empty.copy())
 
@@ -99,6 +93,16 @@ def accuracy_table(mem, xq: np.ndarray, yq: np.ndarray, ks: Sequence[int], metho
     return AccuracyTable(ks, rows, len(xq))
 
 
+def load_queries(cfg):
+    """(xq, yq) of the `cfg.eval.split` embeddings, the first `cfg.eval.max_queries` of them when set."""
+    from pipeline.embed.parts import embeddings_of, read_embeddings
+
+    q = read_embeddings(cfg.embeddings_dir(cfg.eval.split), ["label", "embedding"])
+    if cfg.eval.max_queries:
+        q = q.slice(0, cfg.eval.max_queries)
+    return embeddings_of(q), q.column("label").to_numpy()
+
+
 def evaluate(cfg, mem=None, exact: bool = True, out_dir: Optional[str] = None) -> AccuracyTable:
     """`vmem eval`: accuracy@k table over `cfg.eval.split`; writes accuracy.csv and accuracy.png."""
     from pipeline.embed.parts import embeddings_of, read_embeddings
@@ -106,10 +110,7 @@ def evaluate(cfg, mem=None, exact: bool = True, out_dir: Optional[str] = None) -
     from pipeline.memory.memory import VisualMemory
 
     mem = mem or VisualMemory.open(cfg.memory_dir, cfg=cfg)
-    q = read_embeddings(cfg.embeddings_dir(cfg.eval.split), ["label", "embedding"])
-    if cfg.eval.max_queries:
-        q = q.slice(0, cfg.eval.max_queries)
-    xq, yq = embeddings_of(q), q.column("label").to_numpy()
+    xq, yq = load_queries(cfg)
     methods = list(cfg.eval.methods) + ([f"soft_{m}" for m in cfg.eval.methods if not m.startswith("soft_")]
                                         if mem.gamma is not None else [])
     xb = ids = None

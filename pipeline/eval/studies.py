@@ -116,15 +116,12 @@ STUDIES: Dict[str, Callable] = {"add_class": study_add_class, "delete_class": st
 
 def run_study(cfg, name: str, label: Optional[int] = None) -> dict:
     """Run study `name` on a scratch copy of `cfg`'s memory with the `cfg.eval.split` queries."""
-    from pipeline.embed.parts import embeddings_of, read_embeddings
+    from pipeline.eval.accuracy import load_queries
     from pipeline.runtime import init_ray
 
     if name not in STUDIES:
         raise UserError(f"unknown study {name!r}: choose one of {', '.join(STUDIES)}")
-    q = read_embeddings(cfg.embeddings_dir(cfg.eval.split), ["label", "embedding"])
-    if cfg.eval.max_queries:
-        q = q.slice(0, cfg.eval.max_queries)
-    xq, yq = embeddings_of(q), q.column("label").to_numpy()
+    xq, yq = load_queries(cfg)
     mem_dir = scratch_copy(cfg.memory_dir)
     try:
         if name == "pruning":

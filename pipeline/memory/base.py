@@ -6,18 +6,22 @@ depend on manifest field names or router internals.
 from __future__ import annotations
 
 import functools
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.errors import NotFound
 from pipeline.index.manifest import Manifest, ManifestStore, version_name
+from pipeline.index.shard import META_COLUMNS
+from pipeline.index.shard import read_meta as read_shard_meta
 from pipeline.memory.results import Neighbors
 
-META_COLUMNS = ("id", "label", "label_name", "key", "source", "shard")
+
+def blob_url(memory_dir: str, item_id: int) -> str:
+    """Where the image of an item added through the API is stored (erased with the item by compaction)."""
+    return storage.join(memory_dir, "blobs", f"{int(item_id)}.png")
 
 
 def default_log_url(store: ManifestStore, manifest: Manifest, name: str) -> str:
@@ -27,10 +31,20 @@ def default_log_url(store: ManifestStore, manifest: Manifest, name: str) -> str:
 
 
 def read_meta(url: str) -> pa.Table:
-    fs, path = storage.filesystem(url)
-    with fs.open(path, "rb") as f:
-        t = pq.read_table(f)
+    t = read_shard_meta(url)
     return t.select([c for c in META_COLUMNS if c in t.column_names])
+
+
+def merge_neighbors(base: Neighbors, delta: Neighbors, k: int) -> Neighbors:
+    """Exact top-k of two searches (the router's merge over shards); on equal similarity `base` ranks first."""
+    from pipeline.index.router import gather_meta, merge_topk
+
+    parts = [{"I": nb.I, "labels": nb.labels, "label_names": nb.label_names, "keys": nb.keys,
+              "sources": nb.sources} for nb in (delta, base)]  # faiss breaks ties toward the later list
+    D, I = merge_topk([delta.D, base.D], [delta.I, base.I], k)
+    meta = gather_meta(I, parts)
+    return Neighbors(np.where(I < 0, -np.inf, D), I, meta["labels"], meta["label_names"], meta["keys"],
+                     meta["sources"])
 
 
 class BaseState:
@@ -57,7 +71,7 @@ class BaseState:
         self.shard_no = np.concatenate(shard_no) if shard_no else np.zeros(0, np.int32)
         self.shard_counts = np.bincount(self.shard_no, minlength=max(self.num_shards, 1))
         self.count = len(ids)
-        self._labels = self.meta.column("label").to_numpy() if self.count else np.zeros(0, np.int64)
+        self.labels = self.meta.column("label").to_numpy() if self.count else np.zeros(0, np.int64)
         self._sources = np.asarray(self.meta.column("source").to_pylist(), dtype=object) if self.count else \
             np.zeros(0, object)
         self._ids = ids
@@ -93,12 +107,17 @@ class BaseState:
     def has_id(self, i: int) -> bool:
         return self._pos(int(i)) is not None
 
-    def has_ids(self, ids: np.ndarray) -> np.ndarray:
+    def rows(self, ids: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """(mask of the `ids` this version holds, their row positions in `meta` / `labels`)."""
         ids = np.asarray(ids, dtype=np.int64)
         if not len(self.ids_sorted):
-            return np.zeros(len(ids), bool)
+            return np.zeros(len(ids), bool), np.zeros(0, np.int64)
         p = np.clip(np.searchsorted(self.ids_sorted, ids), 0, len(self.ids_sorted) - 1)
-        return self.ids_sorted[p] == ids
+        found = self.ids_sorted[p] == ids
+        return found, self._order[p[found]]
+
+    def has_ids(self, ids: np.ndarray) -> np.ndarray:
+        return self.rows(ids)[0]
 
     def item(self, i: int) -> dict:
         p = self._pos(int(i))
@@ -112,7 +131,7 @@ class BaseState:
     def select(self, label: Optional[int] = None, source: Optional[str] = None) -> np.ndarray:
         mask = np.ones(self.count, bool)
         if label is not None:
-            mask &= self._labels == int(label)
+            mask &= self.labels == int(label)
         if source is not None:
             mask &= self._sources == source
         return self._ids[mask]
@@ -131,9 +150,7 @@ class BaseState:
         """Fraction of each shard's items that are tombstoned."""
         if not len(tomb_ids) or not self.count:
             return [0.0] * self.num_shards
-        tomb_ids = np.asarray(tomb_ids, dtype=np.int64)
-        hit = tomb_ids[self.has_ids(tomb_ids)]  # O(T log N): cheap enough to run after every delete
-        rows = self._order[np.searchsorted(self.ids_sorted, hit)]
+        _, rows = self.rows(tomb_ids)  # O(T log N): cheap enough to run after every delete
         per = np.bincount(self.shard_no[rows], minlength=len(self.shard_counts))
         return [float(per[s] / max(self.shard_counts[s], 1)) for s in range(len(self.shard_counts))]
 

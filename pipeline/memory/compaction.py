@@ -29,8 +29,9 @@ import pyarrow as pa
 
 from pipeline import storage
 from pipeline.index import train as itrain
-from pipeline.index.manifest import ShardEntry, version_name
+from pipeline.index.manifest import ManifestStore, ShardEntry, version_name
 from pipeline.index.shard import META_COLUMNS, read_index, read_meta, save_shard
+from pipeline.memory.base import blob_url, default_log_url
 from pipeline.memory.logs import AppendLog
 from pipeline.runtime import phase
 
@@ -86,7 +87,6 @@ def compact(mem, force: bool = False) -> Optional[dict]:
     d_ids, d_xb = d_ids[keep_delta], d_xb[keep_delta]
     route = itrain.shard_of(d_ids, m.num_shards) if len(d_ids) else np.zeros(0, np.int64)
     _hang_point(mem.memory_dir, "start")
-    trained = None
     entries: List[ShardEntry] = []
     removed_total = added_total = 0
     with phase(f"compaction of {mem.memory_dir} v{base.version} -> v{new_version}"):
@@ -136,7 +136,7 @@ def compact(mem, force: bool = False) -> Optional[dict]:
     superseded = sorted(({store.url(s.path) for s in old_manifest.shards} |
                          {store.url(s.meta_path) for s in old_manifest.shards}) - live) + old_logs
     stored = set(storage.listdir(storage.join(mem.memory_dir, "blobs")))
-    blobs = [storage.join(mem.memory_dir, "blobs", f"{i}.png") for i in dead.tolist() if f"{i}.png" in stored]
+    blobs = [blob_url(mem.memory_dir, i) for i in dead.tolist() if f"{i}.png" in stored]
     report = {"version": new_version, "parent": base.version, "removed": removed_total, "added": added_total,
               "erased_ids": int(len(dead)), "seconds": seconds,
               "items_per_s": (removed_total + added_total + sum(e.count for e in entries)) / max(seconds, 1e-9),
@@ -189,9 +189,6 @@ def _erase(memory_dir: str, pending: dict) -> dict:
 def sweep_unreferenced(memory_dir: str) -> List[str]:
     """Remove shard/log files and blobs the current version does not reference (left by a killed compaction
     or an older version), so erasure is complete even after a crash. Returns the removed URLs."""
-    from pipeline.index.manifest import ManifestStore
-    from pipeline.memory.base import default_log_url
-
     store = ManifestStore(memory_dir)
     m = store.load()
     keep = {store.url(e.path) for e in m.shards} | {store.url(e.meta_path) for e in m.shards}
@@ -224,9 +221,6 @@ def sweep_unreferenced(memory_dir: str) -> List[str]:
 
 def verify_erased(memory_dir: str, ids: np.ndarray) -> dict:
     """Scan the current version's shard indexes (inverted-list ids), meta files and delta log for `ids`."""
-    from pipeline.index.manifest import ManifestStore
-    from pipeline.memory.base import default_log_url
-
     store = ManifestStore(memory_dir)
     m = store.load()
     found: Dict[str, int] = {}
@@ -244,7 +238,7 @@ def verify_erased(memory_dir: str, ids: np.ndarray) -> dict:
     scanned.append(m.logs.get("delta", "delta"))
     if hit:
         found["delta"] = hit
-    blobs = [i for i in ids.tolist() if storage.exists(storage.join(memory_dir, "blobs", f"{i}.png"))]
+    blobs = [i for i in ids.tolist() if storage.exists(blob_url(memory_dir, i))]
     if blobs:
         found["blobs"] = len(blobs)
     return {"ids_checked": int(len(ids)), "scanned": scanned, "found": found, "verified": not found,

@@ -20,7 +20,7 @@ import numpy as np
 from pipeline import storage
 from pipeline.errors import DataError, NotFound, UserError
 from pipeline.memory import votes
-from pipeline.memory.base import open_base
+from pipeline.memory.base import blob_url, merge_neighbors, open_base
 from pipeline.memory.delta import DeltaIndex
 from pipeline.memory.overlays import GammaOverlay, Interventions, load_gamma, load_interventions
 from pipeline.memory.results import Neighbor, Neighbors, Prediction
@@ -91,7 +91,7 @@ class VisualMemory:
 
     def _params(self, params: dict) -> dict:
         m = self.cfg.memory if self.cfg is not None else None
-        out = {"xi": getattr(m, "xi", 1.0), "tau": getattr(m, "tau", 0.07), "alpha": getattr(m, "alpha", 2.0)}
+        out = {name: getattr(m, name, value) for name, value in votes.DEFAULT_PARAMS.items()}
         out.update({k: v for k, v in params.items() if v is not None})
         return out
 
@@ -135,39 +135,34 @@ class VisualMemory:
             base, delta, tomb = self.base, self.delta, self.tombstones
             exclude, tag = tomb.ids, tomb.position
         rb = base.search(xq, k, nprobe=nprobe, exclude=exclude, exclude_tag=tag)
-        Dd, Id = delta.search(xq, k, exclude=exclude)
         if not len(delta):
             return rb
+        Dd, Id = delta.search(xq, k, exclude=exclude)
         md = [delta.meta.get(int(i), {}) for i in Id.reshape(-1)]
-        shape = Id.shape
-        dl = np.array([m.get("label", -1) if m else -1 for m in md], dtype=np.int64).reshape(shape)
-        dn = np.array([m.get("label_name", "") if m else "" for m in md], dtype=object).reshape(shape)
-        dk = np.array([m.get("key", "") if m else "" for m in md], dtype=object).reshape(shape)
-        ds = np.array([m.get("source", "") if m else "" for m in md], dtype=object).reshape(shape)
-        D = np.concatenate([rb.D, Dd], axis=1)
-        D = np.where(np.concatenate([rb.I, Id], axis=1) < 0, -np.inf, D)
-        order = np.argsort(-D, axis=1, kind="stable")[:, :k]
 
-        def pick(a, b):
-            return np.take_along_axis(np.concatenate([np.asarray(a, dtype=b.dtype if a.dtype != object else object),
-                                                      b], axis=1), order, axis=1)
+        def col(name, fill, dtype):
+            return np.array([m.get(name, fill) for m in md], dtype=dtype).reshape(Id.shape)
 
-        return Neighbors(np.take_along_axis(D, order, 1), pick(rb.I, Id), pick(rb.labels, dl),
-                         pick(rb.label_names.astype(object), dn), pick(rb.keys.astype(object), dk),
-                         pick(rb.sources.astype(object), ds))
+        rd = Neighbors(Dd, Id, col("label", -1, np.int64), col("label_name", "", object), col("key", "", object),
+                       col("source", "", object))
+        return merge_neighbors(rb, rd, k)
 
     def vote(self, nb: Neighbors, method: Optional[str] = None, **params) -> votes.Votes:
         """Apply interventions and (soft methods) gamma, then the vote method, to searched neighbours."""
-        method = method or self._default("method", "plurality")
+        return self._vote(nb, method or self._default("method", "plurality"), params)[0]
+
+    def _vote(self, nb: Neighbors, method: str, params: dict):
+        """(votes, multipliers, labels, label_names, gamma or None) after interventions and soft pruning."""
         m = votes.get_method(method)
-        mult, labels, _ = self.interventions.apply(nb.I, nb.labels, nb.label_names, nb.sources)
+        mult, labels, names = self.interventions.apply(nb.I, nb.labels, nb.label_names, nb.sources)
         gamma = None
         if m.soft:
             if self.gamma is None:
                 raise UserError(f"vote method {method!r} needs soft-pruning weights: run `vmem prune` first")
             gamma = self.gamma.lookup(nb.I)
-        return votes.vote(method, nb.distances, np.where(nb.I < 0, -1, labels), gamma=gamma, multipliers=mult,
-                          **self._params(params))
+        v = votes.vote(method, nb.distances, np.where(nb.I < 0, -1, labels), gamma=gamma, multipliers=mult,
+                       **self._params(params))
+        return v, mult, labels, names, gamma
 
     def classify(self, images=None, embeddings=None, k: Optional[int] = None, method: Optional[str] = None,
                  nprobe: Optional[int] = None, **params) -> List[Prediction]:
@@ -177,9 +172,9 @@ class VisualMemory:
         return self.predictions(nb, method, **params)
 
     def predictions(self, nb: Neighbors, method: str, **params) -> List[Prediction]:
-        v = self.vote(nb, method, **params)
-        mult, labels, names = self.interventions.apply(nb.I, nb.labels, nb.label_names, nb.sources)
-        gamma = self.gamma.lookup(nb.I) if (votes.get_method(method).soft and self.gamma) else np.ones(nb.I.shape)
+        v, mult, labels, names, gamma = self._vote(nb, method, params)
+        if gamma is None:
+            gamma = np.ones(nb.I.shape)
         dist = nb.distances
         out = []
         for q in range(nb.I.shape[0]):
@@ -249,7 +244,7 @@ class VisualMemory:
     def get_image(self, id: int) -> bytes:
         """The stored image bytes of an item: memory/blobs/<id>.png, or its member in the WebDataset tar."""
         item = self.get_item(id)
-        blob = storage.join(self.memory_dir, "blobs", f"{int(id)}.png")
+        blob = blob_url(self.memory_dir, id)
         if storage.exists(blob):
             return storage.read_bytes(blob)
         shard = item.get("shard")
@@ -285,7 +280,7 @@ class VisualMemory:
                     raise UserError(f"key {key!r} is already in the memory (id {i}); keys must be unique")
             if images is not None:
                 for i, im in zip(ids, images):
-                    storage.atomic_write_bytes(storage.join(self.memory_dir, "blobs", f"{i}.png"), _png_bytes(im))
+                    storage.atomic_write_bytes(blob_url(self.memory_dir, i), _png_bytes(im))
             metas = [{"label": int(l), "label_name": str(nm), "key": k, "source": str(s), "shard": ""}
                      for l, nm, k, s in zip(labels, names, keys, srcs)]
             self.delta.add(xb, ids, metas)

@@ -11,6 +11,7 @@ which survive compaction, so compaction never rewrites them.
 from __future__ import annotations
 
 import io
+import json
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
@@ -20,6 +21,7 @@ import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.errors import UserError
+from pipeline.index.manifest import version_name
 
 
 class OverlayStore:
@@ -34,7 +36,7 @@ class OverlayStore:
         return int(storage.read_json(url)["version"]) if storage.exists(url) else 0
 
     def url(self, version: int) -> str:
-        return storage.join(self.dir, f"v{version:06d}.{self.ext}")
+        return storage.join(self.dir, f"{version_name(version)}.{self.ext}")
 
     def commit(self, data: bytes) -> int:
         """Write the next version and point CURRENT at it; returns the new version."""
@@ -140,14 +142,10 @@ def load_interventions(memory_dir: str) -> Interventions:
     v = store.version()
     if not v:
         return Interventions()
-    import json
-
     return Interventions.from_json(v, json.loads(store.read(v)))
 
 
 def save_interventions(memory_dir: str, iv: Interventions) -> int:
-    import json
-
     for w in [*(it.get("weight", 1.0) for it in iv.items.values()), *iv.labels.values(), *iv.sources.values()]:
         if not (float(w) >= 0):
             raise UserError(f"intervention weights must be >= 0, got {w}")

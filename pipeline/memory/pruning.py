@@ -15,7 +15,7 @@ from typing import Optional
 
 import numpy as np
 
-from pipeline.memory.overlays import save_gamma
+from pipeline.memory.overlays import load_gamma, save_gamma
 from pipeline.runtime import phase
 
 log = logging.getLogger("vmem.pruning")
@@ -29,7 +29,7 @@ def soft_gamma(v: np.ndarray) -> np.ndarray:
 
 def wrong_label_counts(q_ids: np.ndarray, q_labels: np.ndarray, I: np.ndarray, labels: np.ndarray, k: int):
     """v contributions: for each query, drop its self match (else the last column), keep k neighbours, and
-    count neighbours whose label differs from the query's. Returns (neighbour ids, counts) to be summed."""
+    count neighbours whose label differs from the query's. Returns the ids of those neighbours (one per count)."""
     self_hit = I == q_ids[:, None]
     # Rows without a self match (ANN missed it) drop their last column instead, keeping exactly k.
     drop = np.where(self_hit.any(axis=1), self_hit.argmax(axis=1), I.shape[1] - 1)
@@ -57,23 +57,25 @@ def memory_vectors(mem):
         ids = index_ids(index)
         ids_all.append(ids)
         xb_all.append(index.reconstruct_batch(ids) if len(ids) else np.zeros((0, base.dim), np.float32))
+    ids, xb = live_vectors(mem, ids_all, xb_all)
+    return ids, item_labels(mem, ids), xb
+
+
+def live_vectors(mem, ids_parts: list, xb_parts: list):
+    """(ids, xb) of the committed items given in parts, plus the delta, without the tombstoned ids."""
     d_ids, d_xb = mem.delta.vectors()
-    ids_all.append(d_ids)
-    xb_all.append(d_xb)
-    ids = np.concatenate(ids_all)
-    xb = np.vstack(xb_all).astype(np.float32)
+    ids = np.concatenate([*ids_parts, d_ids])
+    xb = np.vstack([*xb_parts, d_xb]).astype(np.float32)
     live = ~np.isin(ids, mem.tombstones.ids)
-    ids, xb = ids[live], xb[live]
-    return ids, _labels(mem, ids), xb
+    return ids[live], xb[live]
 
 
-def _labels(mem, ids: np.ndarray) -> np.ndarray:
+def item_labels(mem, ids: np.ndarray) -> np.ndarray:
+    """Stored label of each id (committed or in the delta)."""
     base = mem.base
     out = np.full(len(ids), -1, np.int64)
-    in_base = base.has_ids(ids)
-    if in_base.any():
-        p = np.searchsorted(base.ids_sorted, ids[in_base])
-        out[in_base] = base._labels[base._order[p]]
+    in_base, rows = base.rows(ids)
+    out[in_base] = base.labels[rows]
     for j in np.flatnonzero(~in_base):
         out[j] = mem.delta.meta[int(ids[j])]["label"]
     return out
@@ -143,8 +145,6 @@ def prune(mem, hard: bool = True, soft: bool = True, soft_k: Optional[int] = Non
             mem.tombstones.add(victims.tolist(), reason="hard_prune")
     if not dry_run:
         mem.refresh()
-        from pipeline.memory.overlays import load_gamma
-
         mem.gamma = load_gamma(mem.memory_dir)
     report["v_soft"] = v_soft
     report["v_hard"] = v_hard

@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional
 
-import faiss
 import numpy as np
 import pyarrow as pa
 
@@ -49,8 +48,7 @@ def build_synthetic_memory(memory_dir: str, data: Synthetic, num_shards: int = 2
                            source: str = "synthetic") -> Manifest:
     """Train `index_key` on the data, populate `num_shards` shards (id % num_shards) and commit version 1."""
     dim = data.xb.shape[1]
-    trained = faiss.index_factory(dim, index_key, faiss.METRIC_INNER_PRODUCT)
-    trained.train(data.xb)
+    trained, _ = itrain.train_index(data.xb, index_key, "ip", prefer_autofaiss=False)
     store = ManifestStore(memory_dir)
     version = store.next_version()
     tb = itrain.serialize(trained)
