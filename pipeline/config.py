@@ -99,7 +99,10 @@ class MemoryConfig:
     alpha: float = 2.0
     compact_threshold: float = 0.2  # a shard with >= this deleted ratio triggers compaction
     delta_compact_items: int = 100000  # a delta bigger than this triggers compaction
-    grace_period_s: float = 0.0  # superseded files are erased this long after compaction
+    # Deleted items are erased this long after the compaction that removed them from the shards, so that
+    # readers still searching the previous version (one query at most: every query follows the newest) finish.
+    grace_period_s: float = 30.0
+    auto_compact: bool = True  # compact after an add/delete once the thresholds below are crossed
     prune_k: int = 10
     hard_prune_threshold: int = 128
 

@@ -61,7 +61,7 @@ def run_demo(cfg: Config) -> dict:
     from pipeline.embed.parts import embeddings_of, read_embeddings
     from pipeline.embed.stage import embed_split
     from pipeline.eval.accuracy import evaluate
-    from pipeline.index.build import build_memory
+    from pipeline.memory.build import build_memory
     from pipeline.index.recall import format_table
     from pipeline.memory import VisualMemory
 
@@ -117,7 +117,8 @@ def run_demo(cfg: Config) -> dict:
 
     # Add the first test images as new memories: each becomes its own nearest neighbour at once.
     n_add = min(20, len(yq))
-    add_keys = [f"demo-added/{key}" for key in keys[:n_add]]
+    run = time.strftime("%Y%m%dT%H%M%S")  # deletion is final, so each demo run adds under new keys
+    add_keys = [f"demo-added/{run}/{key}" for key in keys[:n_add]]
     t0 = time.perf_counter()
     added = [mem.add(embeddings=xq[i:i + 1], labels=[int(yq[i])], keys=[add_keys[i]], sources=["demo"])[0]
              for i in range(n_add)]

@@ -134,6 +134,44 @@ def atomic_write_bytes(url: str, data: bytes) -> None:
             os.remove(tmp)
 
 
+class AlreadyExists(Exception):
+    """`create_exclusive` lost the race: another writer created the object first."""
+
+
+def create_exclusive(url: str, data: bytes) -> None:
+    """Create `url` with `data` only if it does not exist (compare-and-swap on a name); else AlreadyExists.
+
+    Locally: write a temp file, then `os.link` it to the final name (fails if the name exists, atomic). On S3:
+    one PUT with `If-None-Match: *` (a conditional write, refused with 412 if the key exists).
+    """
+    if is_remote(url):
+        fs, path = filesystem(url)
+        bucket, _, key = path.partition("/")
+        try:
+            fs.call_s3("put_object", Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+        except Exception as e:  # botocore wraps the 412 in a ClientError / OSError depending on the version
+            if "PreconditionFailed" in repr(e) or "412" in repr(e) or isinstance(e, FileExistsError):
+                raise AlreadyExists(url) from e
+            raise
+        return
+    path = os.path.abspath(url)
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise AlreadyExists(url) from None
+        _fsync_dir(folder)
+    finally:
+        os.remove(tmp)
+
+
 def atomic_write_json(url: str, obj: Any) -> None:
     atomic_write_bytes(url, json.dumps(obj, indent=2, sort_keys=True).encode())
 
@@ -148,16 +186,33 @@ def upload_file(local_path: str, url: str) -> None:
         atomic_write_bytes(url, f.read())
 
 
+def cache_path(url: str, cache_dir: Optional[str] = None) -> str:
+    """Where `local_copy` keeps its copy of a remote `url`."""
+    import tempfile
+
+    _, path = filesystem(url)
+    cache_dir = cache_dir or os.path.join(tempfile.gettempdir(), "vmem-cache")
+    return os.path.join(cache_dir, path.replace("/", "__"))
+
+
+def evict(url: str) -> bool:
+    """Remove the local cached copy of a remote `url` (erasure, or a rewritten object); True if there was one."""
+    if not is_remote(url):
+        return False
+    p = cache_path(url)
+    if os.path.exists(p):
+        os.remove(p)
+        return True
+    return False
+
+
 def local_copy(url: str, cache_dir: Optional[str] = None) -> str:
     """A local path holding the bytes of `url` (the path itself when it is already local)."""
     if not is_remote(url):
         return os.path.abspath(url)
-    import tempfile
-
     fs, path = filesystem(url)
-    cache_dir = cache_dir or os.path.join(tempfile.gettempdir(), "vmem-cache")
-    os.makedirs(cache_dir, exist_ok=True)
-    dest = os.path.join(cache_dir, path.replace("/", "__"))
+    dest = cache_path(url, cache_dir)
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
     if not os.path.exists(dest):
         tmp = f"{dest}.tmp-{uuid.uuid4().hex}"
         fs.get_file(path, tmp)

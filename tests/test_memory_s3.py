@@ -16,7 +16,7 @@ def test_add_delete_compact_on_s3(s3_server):
     assert again.stats()["delta_items"] == 3 and again.stats()["tombstones"] == 1
     nb = again.search(embeddings=data.xb[:1], k=5)
     assert int(data.ids[0]) not in nb.I[0]
-    report = mem.compact()
+    report = mem.compact(grace_s=0)
     assert report["erasure"]["verified"]
     assert set(ids) <= set(mem.search(embeddings=new.xb, k=1).I[:, 0].tolist())
     assert mem.stats()["items"] == 402

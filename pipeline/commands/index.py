@@ -11,11 +11,11 @@ def _build_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--split", default="train", help="embeddings split to build the memory from (default train)")
 
 
-@command("build", "train one IVF index (autofaiss), populate the shards on Ray, measure recall, commit vN",
+@command("build", "train the index, populate the shards on Ray (deleted items left out), measure recall, commit vN",
          "vmem build --config configs/demo.yaml index.num_shards=2", _build_args)
 def cmd_build(cfg: Config, args: argparse.Namespace) -> int:
-    from pipeline.index.build import build_memory
     from pipeline.index.recall import format_table
+    from pipeline.memory.build import build_memory
     from pipeline.index.units import format_bytes
 
     m = build_memory(cfg, args.split)
@@ -60,38 +60,23 @@ def _query_args(p: argparse.ArgumentParser) -> None:
 def cmd_query(cfg: Config, args: argparse.Namespace) -> int:
     import numpy as np
 
+    from pipeline import storage
     from pipeline.errors import UserError
-    from pipeline.index.manifest import ManifestStore
-    from pipeline.index.router import Router
-    from pipeline.runtime import init_ray
+    from pipeline.memory.memory import VisualMemory
 
-    manifest = ManifestStore(cfg.memory_dir).load(args.version)
+    storage.configure(cfg.storage)
+    # Through the memory, not the bare router: deletions, adds and relabels apply here as everywhere else.
+    mem = VisualMemory.open(cfg.memory_dir, version=args.version, cfg=cfg)
     if args.vectors:
         try:
             xq = np.load(args.vectors)
         except (OSError, ValueError) as e:
             raise UserError(f"cannot read query vectors from {args.vectors}: {e}") from e
         names = [f"{args.vectors}[{i}]" for i in range(len(np.atleast_2d(xq)))]
+        res = mem.search(embeddings=np.atleast_2d(xq), k=args.k, nprobe=args.nprobe)
     else:
-        from PIL import Image
-
-        from pipeline.embed.encoders import create_encoder
-
-        enc_info = manifest.encoder or {}
-        if "name" not in enc_info:
-            raise UserError("this memory's manifest names no encoder: query it with --vectors")
-        encoder = create_encoder(enc_info["name"], pretrained=bool(enc_info.get("pretrained", True)),
-                                 image_size=enc_info.get("image_size"))
-        images = []
-        for path in args.image:
-            try:
-                images.append(Image.open(path).convert("RGB"))
-            except OSError as e:
-                raise UserError(f"cannot read image {path}: {e}") from e
-        xq, names = encoder.encode(images), list(args.image)
-    init_ray(cfg)
-    with Router(cfg.memory_dir, manifest=manifest, gpu=cfg.index.gpu) as router:
-        res = router.search(xq, args.k, nprobe=args.nprobe)
+        names = list(args.image)
+        res = mem.search(images=names, k=args.k, nprobe=args.nprobe)
     for q, name in enumerate(names):
         print(f"{name}:")
         for r in range(res.I.shape[1]):
@@ -99,4 +84,5 @@ def cmd_query(cfg: Config, args: argparse.Namespace) -> int:
                 continue
             print(f"  {r + 1:>3}. id={res.I[q, r]:<20d} score={res.D[q, r]:.4f}  label={res.labels[q, r]} "
                   f"({res.label_names[q, r]})  key={res.keys[q, r]}")
+    mem.close()
     return 0

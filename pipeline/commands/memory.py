@@ -108,20 +108,35 @@ def _delete_args(p: argparse.ArgumentParser) -> None:
 def cmd_delete(cfg: Config, args: argparse.Namespace) -> int:
     mem = _open(cfg)
     n = mem.delete(ids=args.id, label=args.label, source=args.source)
-    print(f"deleted {n} item(s); {mem.stats()['tombstones']} tombstones pending compaction")
+    print(f"deleted {n} item(s); {mem.stats()['forgotten_pending_erasure']} deleted item(s) wait for "
+          f"`vmem compact` to erase them")
     mem.close()
     return 0
 
 
 def _compact_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="rewrite every shard even without changes")
+    p.add_argument("--no-wait", action="store_true",
+                   help="do not wait for the grace period: erasure then runs at the next compaction")
 
 
 @command("compact", "fold added items and deletions into new shards (manifest v+1) and erase deleted data",
          "vmem compact", _compact_args)
 def cmd_compact(cfg: Config, args: argparse.Namespace) -> int:
-    report = _open(cfg).compact(force=args.force)
+    import time
+
+    from pipeline.memory import erasure
+
+    mem = _open(cfg)
+    report = mem.compact(force=args.force)
     print(json.dumps(report, indent=1, default=str) if report else "nothing to compact")
+    grace = float(cfg.memory.grace_period_s)
+    if grace > 0 and not args.no_wait:
+        print(f"waiting memory.grace_period_s={grace:g} s so readers of the old version finish, then erasing")
+        time.sleep(grace)
+    for r in erasure.erase_due(cfg.memory_dir, mem.state, cfg):
+        print(json.dumps({"erasure": {k: v for k, v in r.items() if k != "files_checked"},
+                          "files_checked": len(r["files_checked"])}, indent=1))
     return 0
 
 
@@ -167,6 +182,41 @@ def cmd_intervene(cfg: Config, args: argparse.Namespace) -> int:
                              source_weights=_pairs(args.source_weight, str, "--source-weight"),
                              relabel=_pairs(args.relabel, int, "--relabel", int), clear=args.clear)
     print(f"interventions version {v}")
+    return 0
+
+
+def _relabel_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--id", type=int, action="append", required=True, help="item id (repeatable)")
+    p.add_argument("--label", type=int, required=True, help="the new label")
+    p.add_argument("--label-name", help="its name (default: the memory's name for that label)")
+
+
+@command("relabel", "give items a new label (an overlay the vote counts; undone by rollback)",
+         "vmem relabel --id 123456789 --label 3", _relabel_args)
+def cmd_relabel(cfg: Config, args: argparse.Namespace) -> int:
+    n = _open(cfg).relabel(args.id, args.label, args.label_name)
+    print(f"relabelled {n} item(s) as {args.label}")
+    return 0
+
+
+@command("versions", "the memory's edit history: version, time, operation, what changed", "vmem versions")
+def cmd_versions(cfg: Config, args: argparse.Namespace) -> int:
+    import datetime
+
+    for e in _open(cfg).versions():
+        at = datetime.datetime.fromtimestamp(e["at"]).isoformat(timespec="seconds")
+        print(f"{e['version']:>5}  {at}  {e['op']:<10} {e['detail']}")
+    return 0
+
+
+def _rollback_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("version", type=int, help="the version (from `vmem versions`) to go back to")
+
+
+@command("rollback", "undo adds, relabels, interventions and prunes after a version (deletes stay final)",
+         "vmem rollback 3", _rollback_args)
+def cmd_rollback(cfg: Config, args: argparse.Namespace) -> int:
+    print(json.dumps(_open(cfg).rollback(args.version), indent=1))
     return 0
 
 

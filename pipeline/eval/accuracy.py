@@ -53,16 +53,20 @@ def exact_neighbors(mem, xq: np.ndarray, k: int, xb: Optional[np.ndarray] = None
                     ids: Optional[np.ndarray] = None) -> Neighbors:
     """Brute-force top-k over the memory's live items (given float vectors `xb`/`ids`, else reconstructed)."""
     from pipeline.index.recall import exact_knn
-    from pipeline.memory.pruning import item_labels, live_vectors, memory_vectors
+    from pipeline.memory.pruning import live_labels, memory_vectors
 
     if xb is None:
         ids, _, xb = memory_vectors(mem)
-    else:
-        ids, xb = live_vectors(mem, [ids], [xb])
+    label_of = live_labels(mem)
+    live = np.array([int(i) in label_of for i in ids], bool)
+    d_ids, d_xb = mem.delta.vectors()
+    fresh = ~np.isin(d_ids, ids) & np.array([int(i) in label_of for i in d_ids], bool)
+    ids = np.concatenate([np.asarray(ids, np.int64)[live], d_ids[fresh]])
+    xb = np.vstack([np.asarray(xb, np.float32)[live], d_xb[fresh]])
     D, I = exact_knn(xq, [(xb, ids)], k)
     valid = I >= 0
     labels = np.full(I.shape, -1, np.int64)
-    labels[valid] = item_labels(mem, I[valid])
+    labels[valid] = [label_of[int(i)] for i in I[valid]]
     empty = np.full(I.shape, "", dtype=object)
     return Neighbors(np.where(valid, D, -np.inf), I, labels, empty.copy(), empty.copy(), empty.copy())
 

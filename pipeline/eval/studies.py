@@ -68,7 +68,7 @@ def study_add_class(mem_dir: str, xq, yq, label: int, k: int = 10, method: str =
 def study_delete_class(mem_dir: str, xq, yq, label: int, k: int = 50, method: str = "plurality") -> dict:
     """Delete `label`; check no id of it is returned and no query is labelled with it, before/after compaction."""
     mem = VisualMemory.open(mem_dir)
-    dead = mem.base.select(label=label)
+    dead = np.array(mem._select(label, None), np.int64)
     n = mem.delete(label=label)
     out = {"study": "delete_class", "label": int(label), "deleted": int(n), "k": k}
     for phase_name in ("before_compaction", "after_compaction"):

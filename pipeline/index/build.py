@@ -91,6 +91,15 @@ def vector_batches(emb_dir: str, batch_rows: int) -> Iterator[Tuple[np.ndarray, 
         yield embeddings_of(batch), batch.column("id").to_numpy()
 
 
+def label_names(emb_dir: str) -> Dict[str, str]:
+    """label -> label_name over the parts (one streaming pass over two small columns)."""
+    out: Dict[str, str] = {}
+    for batch in iter_embedding_batches(emb_dir, 1 << 16, columns=["label", "label_name"]):
+        for lab, name in zip(batch.column("label").to_pylist(), batch.column("label_name").to_pylist()):
+            out.setdefault(str(lab), name)
+    return out
+
+
 def encoder_info(emb_dir: str) -> Dict[str, Any]:
     """Encoder facts from the embeddings `_manifest.json` (name, image_size, preprocessing) when present."""
     url = storage.join(emb_dir, MANIFEST_NAME)
@@ -133,12 +142,16 @@ def query_vectors(cfg, emb_dir: str, n: int, dim: int, train_pos: np.ndarray) ->
 # ---------------------------------------------------------------- shard population (Ray task body)
 
 def populate_shard(memory_dir: str, version: int, shard: int, num_shards: int, trained_url: str,
-                   trained_sha: str, emb_dir: str, batch_rows: int) -> Dict[str, Any]:
-    """Fill one shard (ids with id % num_shards == shard) from the trained index; write it; return its entry."""
+                   trained_sha: str, emb_dir: str, batch_rows: int,
+                   exclude: Optional[np.ndarray] = None) -> Dict[str, Any]:
+    """Fill one shard (ids with id % num_shards == shard, minus `exclude`) from the trained index; write it;
+    return its entry."""
     index = read_index(trained_url, trained_sha, mmap=False)
     metas = []
+    exclude = np.zeros(0, np.int64) if exclude is None else exclude
     for batch in iter_embedding_batches(emb_dir, batch_rows):
-        mask = tr.shard_of(batch.column("id").to_numpy(), num_shards) == shard
+        ids = batch.column("id").to_numpy()
+        mask = (tr.shard_of(ids, num_shards) == shard) & ~np.isin(ids, exclude)
         sub = batch.filter(pa.array(mask))
         if sub.num_rows == 0:
             continue
@@ -213,7 +226,7 @@ def _train_or_resume(cfg, store: ManifestStore, version: int, fingerprint: str, 
 
 
 def _populate_all(cfg, store: ManifestStore, version: int, trained_rel: str, trained_sha: str,
-                  emb_dir: str) -> List[ShardEntry]:
+                  emb_dir: str, exclude: np.ndarray) -> List[ShardEntry]:
     import ray
     from tqdm import tqdm
 
@@ -226,8 +239,9 @@ def _populate_all(cfg, store: ManifestStore, version: int, trained_rel: str, tra
     if entries:
         log.info("resuming: %d of %d shards already built and verified", len(entries), S)
     task = ray.remote(num_cpus=1)(populate_shard)
+    ex_ref = ray.put(exclude)
     pending = [task.remote(store.memory_dir, version, s, S, store.url(trained_rel), trained_sha, emb_dir,
-                           int(cfg.index.build_batch_rows)) for s in range(S) if s not in entries]
+                           int(cfg.index.build_batch_rows), ex_ref) for s in range(S) if s not in entries]
     with tqdm(total=S, initial=len(entries), desc="populate shards", unit="shard") as bar:
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)
@@ -259,8 +273,11 @@ def check_fits(cfg, key: str, n: int, dim: int) -> int:
     return need
 
 
-def build_memory(cfg, split: str = "train") -> Manifest:
-    """Build a new memory version from the `split` embeddings; returns the committed manifest."""
+def build_memory(cfg, split: str = "train", exclude: Optional[np.ndarray] = None,
+                 fingerprint_extra: str = "") -> Manifest:
+    """Build a new memory version from the `split` embeddings, leaving out the ids in `exclude` (the memory
+    layer passes its forget list); returns the committed manifest. Callers that keep a memory's state use
+    `pipeline.memory.build.build_memory`, which also keeps deletions and adds across rebuilds."""
     from pipeline.runtime import init_ray
 
     init_ray(cfg)  # also exports the storage settings to Ray workers
@@ -271,7 +288,12 @@ def build_memory(cfg, split: str = "train") -> Manifest:
     with phase("index: scan embeddings") as ph:
         ids, dim, fingerprint = scan_inputs(emb_dir)
     timings["scan_s"] = ph["seconds"]
-    n = len(ids)
+    exclude = np.unique(np.asarray(exclude if exclude is not None else [], np.int64))
+    excluded = int(np.isin(ids, exclude).sum())
+    if excluded:
+        fingerprint = hashlib.sha256((fingerprint + exclude.tobytes().hex()).encode()).hexdigest()
+        log.info("leaving out %s deleted item(s) that the embeddings still hold", f"{excluded:,}")
+    n = len(ids) - excluded
     if n < int(cfg.index.num_shards):
         raise UserError(f"{n} items cannot fill index.num_shards={cfg.index.num_shards} shards")
     key = choose_key(cfg, n, dim)
@@ -281,13 +303,14 @@ def build_memory(cfg, split: str = "train") -> Manifest:
     version = store.next_version()
     parent = store.current_version()
     rng = np.random.default_rng(SEED)
-    train_pos = np.sort(rng.choice(n, size=min(n, int(cfg.index.train_sample)), replace=False))
+    pool = np.flatnonzero(~np.isin(ids, exclude))  # deleted items never shape the quantizer
+    train_pos = np.sort(rng.choice(pool, size=min(n, int(cfg.index.train_sample)), replace=False))
     t0 = time.perf_counter()
     trained_rel, trained_sha, trainer = _train_or_resume(cfg, store, version, fingerprint, key, n, dim,
                                                          train_pos, emb_dir)
     timings["train_s"] = time.perf_counter() - t0
     with phase(f"index: populate {cfg.index.num_shards} shards") as ph:
-        shards = _populate_all(cfg, store, version, trained_rel, trained_sha, emb_dir)
+        shards = _populate_all(cfg, store, version, trained_rel, trained_sha, emb_dir, exclude)
     timings["populate_s"] = ph["seconds"]
     if sum(s.count for s in shards) != n:
         raise DataError(f"shards hold {sum(s.count for s in shards)} items, the embeddings {n}: inputs changed "
@@ -297,29 +320,34 @@ def build_memory(cfg, split: str = "train") -> Manifest:
                         metric=cfg.index.metric, trained_path=trained_rel, trained_sha256=trained_sha, nprobe=1,
                         encoder=encoder_info(emb_dir),
                         build={"split": split, "trainer": trainer, "fingerprint": fingerprint,
-                               "train_sample": len(train_pos), "items": n})
+                               "train_sample": len(train_pos), "items": n, "excluded": excluded,
+                               "label_names": label_names(emb_dir)})
     with phase("index: measure recall vs exact search") as ph:
-        rows, chosen, qsource = measure_recall(cfg, manifest, emb_dir, n, dim, train_pos)
+        rows, chosen, qsource = measure_recall(cfg, manifest, emb_dir, len(ids), dim, train_pos, exclude)
     timings["recall_s"] = ph["seconds"]
     manifest.nprobe, manifest.recall = chosen, rows
     total_bytes = sum(_size(store.url(s.path)) for s in shards)
     timings["total_s"] = time.perf_counter() - t_start
     manifest.build.update({"recall_queries": qsource, "timings": timings, "index_bytes": int(total_bytes),
                            "bytes_per_item": total_bytes / max(n, 1)})
-    store.commit(manifest)
+    store.commit(manifest, renumber=True)
+    if manifest.version != version:  # another writer took the number; the shard files stay where they are
+        log.warning("version %d was taken by another writer: committed as %d", version, manifest.version)
     log.info("memory %s committed: %s items in %d shards, %s, nprobe %d", version_name(version), f"{n:,}",
              len(shards), key, chosen)
     return manifest
 
 
 def measure_recall(cfg, manifest: Manifest, emb_dir: str, n: int, dim: int,
-                   train_pos: np.ndarray) -> Tuple[List[Dict[str, float]], int, str]:
+                   train_pos: np.ndarray, exclude: Optional[np.ndarray] = None) -> Tuple[List[Dict[str, float]], int, str]:
     """Recall table of the (uncommitted) shards on held-out queries, and the chosen nprobe."""
     from pipeline.index.router import Router
 
     xq, source = query_vectors(cfg, emb_dir, n, dim, train_pos)
     k = min(100, n)
-    _, gt = exact_knn(xq, vector_batches(emb_dir, cfg.index.build_batch_rows), k, cfg.index.metric)
+    live = ((x[keep], i[keep]) for x, i in vector_batches(emb_dir, cfg.index.build_batch_rows)
+            for keep in [~np.isin(i, exclude if exclude is not None else [])])
+    _, gt = exact_knn(xq, live, k, cfg.index.metric)
     router = Router(cfg.memory_dir, manifest=manifest, use_ray=False)
     nlist = key_cost(manifest.index_key, dim, cfg.index.metric).nlist
     rows = recall_table(lambda q, kk, p: router.search(q, kk, nprobe=p).I, xq, gt, nlist,

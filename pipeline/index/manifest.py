@@ -118,14 +118,22 @@ class ManifestStore:
         return max(self.versions(), default=0) + 1
 
     def current_version(self) -> Optional[int]:
-        """The version CURRENT points at, or None for an empty memory directory."""
+        """The newest committed version, or None for an empty memory directory.
+
+        CURRENT is a hint written after each commit; the commit itself is the exclusive creation of the
+        manifest file, so versions after the hint (a crash before the hint, or two committers' hints landing
+        out of order) are found by probing forward."""
         url = storage.join(self.memory_dir, CURRENT)
         if not storage.exists(url):
-            return None
+            v = max(self.versions(), default=0)
+            return v or None
         try:
-            return int(storage.read_json(url)["version"])
+            v = int(storage.read_json(url)["version"])
         except (ValueError, KeyError, TypeError) as e:
             raise IntegrityError(f"{url} is corrupt ({e}); expected {{\"version\": N}}") from e
+        while storage.exists(self.manifest_url(v + 1)):
+            v += 1
+        return v
 
     def load(self, version: Optional[int] = None) -> Manifest:
         """The manifest of `version` (default: the one CURRENT points at)."""
@@ -141,16 +149,28 @@ class ManifestStore:
         except (json.JSONDecodeError, TypeError) as e:
             raise IntegrityError(f"manifest {url} is corrupt: {e}") from e
 
-    def commit(self, manifest: Manifest) -> int:
-        """Write the manifest as a new version, then point CURRENT at it; returns the version.
+    def commit(self, manifest: Manifest, renumber: bool = False) -> int:
+        """Commit the manifest as version `manifest.version` (0: the next free one); returns the version.
 
-        `manifest.version` 0 (or None) takes the next free number. An existing version is never overwritten.
-        """
+        The manifest file is created exclusively (a compare-and-swap on its name, local or S3), so of two
+        writers committing the same version exactly one wins; the other gets `CommitConflict` — or, with
+        `renumber`, takes the next free number (a build, whose files do not depend on its parent)."""
         if not manifest.version:
             manifest.version = self.next_version()
-        url = self.manifest_url(manifest.version)
-        if storage.exists(url):
-            raise UserError(f"memory version {manifest.version} already exists at {url}; manifests are immutable")
-        storage.atomic_write_json(url, manifest.to_dict())
+            renumber = True
+        while True:
+            try:
+                storage.create_exclusive(self.manifest_url(manifest.version),
+                                         json.dumps(manifest.to_dict(), indent=2, sort_keys=True).encode())
+                break
+            except storage.AlreadyExists:
+                if not renumber:
+                    raise CommitConflict(f"memory version {manifest.version} was committed by another writer "
+                                         f"first") from None
+                manifest.version = self.next_version()
         storage.atomic_write_json(storage.join(self.memory_dir, CURRENT), {"version": manifest.version})
         return manifest.version
+
+
+class CommitConflict(UserError):
+    """Another writer committed the version this one meant to commit (retry from the new version)."""

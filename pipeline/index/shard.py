@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Sequence
 
@@ -96,9 +97,10 @@ def verify(url: str, sha256: str) -> None:
                              f"{sha256[:12]}...; rebuild it (`vmem build`) or load an older version")
 
 
-def shard_paths(version: int, shard: int) -> tuple:
-    """(index path, meta path) of shard `shard` written by version `version`, relative to the memory dir."""
-    base = f"shards/{version_name(version)}/shard-{int(shard):03d}"
+def shard_paths(version: int, shard: int, tag: str = "") -> tuple:
+    """(index path, meta path) of shard `shard` written by version `version`, relative to the memory dir.
+    `tag` makes the folder unique to one writer (compactions racing for the same version never share files)."""
+    base = f"shards/{version_name(version)}{'-' + tag if tag else ''}/shard-{int(shard):03d}"
     return f"{base}.index", f"{base}.meta.parquet"
 
 
@@ -108,9 +110,10 @@ def meta_table(table: pa.Table) -> pa.Table:
     return t.take(pc.sort_indices(t, [("id", "ascending")]))
 
 
-def save_shard(memory_dir: str, version: int, shard: int, index: faiss.Index, meta: pa.Table) -> ShardEntry:
+def save_shard(memory_dir: str, version: int, shard: int, index: faiss.Index, meta: pa.Table,
+               tag: str = "") -> ShardEntry:
     """Write a populated shard (index + metadata) atomically under `version`; returns its manifest entry."""
-    rel_index, rel_meta = shard_paths(version, shard)
+    rel_index, rel_meta = shard_paths(version, shard, tag)
     index_bytes = faiss.serialize_index(index)
     buf = io.BytesIO()
     pq.write_table(meta_table(meta), buf, compression="none")
@@ -122,13 +125,27 @@ def save_shard(memory_dir: str, version: int, shard: int, index: faiss.Index, me
                       sha256=sha256_bytes(index_bytes), meta_sha256=sha256_bytes(meta_bytes))
 
 
+def verified_copy(url: str, sha256: Optional[str] = None) -> str:
+    """A local path holding `url`'s bytes, checked against `sha256` when given. For remote files the
+    checksum is taken of the local cached copy itself, and a stale or corrupt cached copy is fetched again."""
+    if sha256 is None:
+        if not storage.exists(url):
+            raise NotFound(f"memory file is missing: {url}")
+        return storage.local_copy(url)
+    if not storage.is_remote(url):
+        verify(url, sha256)
+        return storage.local_copy(url)
+    path = storage.local_copy(url)
+    if sha256_url(path) != sha256:
+        os.remove(path)  # stale (a rewritten object) or damaged cache entry: fetch it again
+        path = storage.local_copy(url)
+        verify(path, sha256)
+    return path
+
+
 def read_index(url: str, sha256: Optional[str] = None, mmap: bool = True) -> faiss.Index:
     """Load a faiss index file (checksum verified first when given), memory-mapped where faiss supports it."""
-    if sha256 is not None:
-        verify(url, sha256)
-    elif not storage.exists(url):
-        raise NotFound(f"memory file is missing: {url}")
-    path = storage.local_copy(url)
+    path = verified_copy(url, sha256)
     if mmap:
         try:
             return faiss.read_index(path, faiss.IO_FLAG_MMAP)
@@ -138,10 +155,7 @@ def read_index(url: str, sha256: Optional[str] = None, mmap: bool = True) -> fai
 
 
 def read_meta(url: str, sha256: Optional[str] = None) -> pa.Table:
-    if sha256 is not None:
-        verify(url, sha256)
-    path = storage.local_copy(url)
-    return pq.read_table(path, memory_map=True)
+    return pq.read_table(verified_copy(url, sha256), memory_map=True)
 
 
 # ---------------------------------------------------------------- searching
@@ -227,3 +241,24 @@ class ShardSearcher:
         """Metadata of `ids` held by this shard (label -1 / empty strings for ids it does not hold)."""
         I = np.asarray(ids, dtype=np.int64).reshape(1, -1)
         return {k: v[0] for k, v in lookup_meta(self.meta, self.meta_ids, I).items()}
+
+
+def index_ids(index: faiss.Index) -> np.ndarray:
+    """Every external id a populated index stores (IVF inverted lists, or an IDMap's id map)."""
+    try:
+        ivf = faiss.extract_index_ivf(index)
+    except RuntimeError:
+        ivf = None
+    if ivf is None:
+        return faiss.vector_to_array(faiss.downcast_index(index).id_map).astype(np.int64)
+    inv = ivf.invlists
+    out = []
+    for lst in range(ivf.nlist):
+        n = inv.list_size(lst)
+        if n:
+            ptr = inv.get_ids(lst)
+            try:
+                out.append(faiss.rev_swig_ptr(ptr, n).copy())
+            finally:
+                inv.release_ids(lst, ptr)
+    return np.concatenate(out).astype(np.int64) if out else np.zeros(0, np.int64)

@@ -1,8 +1,11 @@
-"""The delta: items added since the last compaction, durable in an append-only log and searched exactly.
+"""The delta: items added since the faiss shards were built, read from the state's item table and searched
+exactly in RAM.
 
-Each added item is one log record (id, metadata, base64 float32 vector); `DeltaIndex` replays the log into
-an in-memory `IndexIDMap2(IndexFlatIP)` so a search over the delta is exact and returns external ids. The
-router's results and the delta's are merged by similarity, so an add is visible to the very next query.
+An item is in the delta while its `indexed` version is not in the current manifest's lineage (0 for a fresh
+add; an older compaction's number after a rebuild). The table is read incrementally: Lance fragments are
+immutable, so on a new table version only fragments this process has not seen are read; when a seen fragment
+disappears (Lance compaction, or an update that rewrote rows) or the manifest changes, the delta is read
+again from scratch.
 """
 from __future__ import annotations
 
@@ -11,9 +14,7 @@ from typing import Dict, List, Optional, Sequence
 import faiss
 import numpy as np
 
-from pipeline.memory.logs import AppendLog, decode_vector, encode_vector
-
-META_FIELDS = ("label", "label_name", "key", "source", "shard")
+from pipeline.memory.state import ITEMS, META_FIELDS, MemoryState, vectors_of
 
 
 def id_selector(ids: np.ndarray) -> Optional[faiss.IDSelector]:
@@ -27,43 +28,60 @@ def id_selector(ids: np.ndarray) -> Optional[faiss.IDSelector]:
     return sel
 
 
-class DeltaIndex:
-    """Exact in-memory index over the delta log's vectors, with their metadata by id."""
+def delta_filter(lineage: Sequence[int]) -> str:
+    """Rows whose vectors only the item table holds and that no shard of this lineage holds."""
+    folded = f" AND indexed NOT IN ({','.join(str(int(v)) for v in lineage)})" if lineage else ""
+    return "vector IS NOT NULL" + folded
 
-    def __init__(self, log_url: str, dim: int):
-        self.log = AppendLog(log_url)
-        self.dim = dim
-        self.index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
-        self.meta: Dict[int, dict] = {}
-        self.position = 0
+
+class DeltaIndex:
+    """Exact in-memory index over the delta rows of the item table, with their metadata by id."""
+
+    def __init__(self, state: MemoryState, dim: int, lineage: Sequence[int]):
+        self.state, self.dim, self.lineage = state, dim, list(lineage)
+        self.table_version = -1
+        self._fragments: set = set()
+        self._reset()
         self.catch_up()
+
+    def _reset(self) -> None:
+        self.index = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
+        self.meta: Dict[int, dict] = {}
+        self._fragments = set()
 
     def __len__(self) -> int:
         return len(self.meta)
 
     def catch_up(self) -> int:
-        """Replay records appended (by anyone) since the last read; returns how many were new."""
-        records, self.position = self.log.read(self.position)
-        if records:
-            self._apply(records)
-        return len(records)
+        """Read rows committed (by any process) since the last call; returns how many were new."""
+        ds = self.state[ITEMS].dataset()
+        if ds is None or ds.version == self.table_version:
+            return 0
+        frags = {f.fragment_id: f for f in ds.get_fragments()}
+        if not self._fragments <= set(frags):
+            self._reset()
+        new = [f for fid, f in sorted(frags.items()) if fid not in self._fragments]
+        cols = ["id", *META_FIELDS, "vector"]
+        where = delta_filter(self.lineage)
+        added = 0
+        for f in new:
+            added += self._apply(f.to_table(columns=cols, filter=where))
+            self._fragments.add(f.fragment_id)
+        self.table_version = ds.version
+        return added
 
-    def _apply(self, records: List[dict]) -> None:
-        records = [r for r in records if int(r["id"]) not in self.meta]
-        if not records:
-            return
-        xb = np.stack([decode_vector(r["vec"]) for r in records]).astype(np.float32)
-        ids = np.array([int(r["id"]) for r in records], dtype=np.int64)
-        self.index.add_with_ids(xb, ids)
-        for r in records:
-            self.meta[int(r["id"])] = {f: r.get(f) for f in META_FIELDS}
-
-    def add(self, xb: np.ndarray, ids: Sequence[int], metas: Sequence[dict]) -> None:
-        """Append the items durably to the log, then make them searchable (in that order)."""
-        records = [{"id": int(i), "vec": encode_vector(x), **{f: m.get(f) for f in META_FIELDS}}
-                   for i, x, m in zip(ids, xb, metas)]
-        self.log.append(records)
-        self.catch_up()
+    def _apply(self, t) -> int:
+        ids = t.column("id").to_numpy().astype(np.int64)
+        keep = np.array([int(i) not in self.meta for i in ids], bool)
+        if not keep.any():
+            return 0
+        t = t.filter(keep)
+        ids = ids[keep]
+        _, first = np.unique(ids, return_index=True)  # one row per id (a key added twice at once)
+        t, ids = t.take(np.sort(first)), ids[np.sort(first)]
+        self.index.add_with_ids(vectors_of(t, self.dim), ids)
+        self.meta.update({int(i): row for i, row in zip(ids, t.select(list(META_FIELDS)).to_pylist())})
+        return len(ids)
 
     def vectors(self) -> tuple:
         """(ids, xb) of every delta item, in insertion order."""
@@ -80,5 +98,7 @@ class DeltaIndex:
         sel = id_selector(exclude)
         params = faiss.SearchParameters(sel=sel) if sel is not None else None
         D, I = self.index.search(xq, k, params=params)
-        D = np.where(I < 0, -np.inf, D).astype(np.float32)
-        return D, I
+        return np.where(I < 0, -np.inf, D).astype(np.float32), I
+
+    def rows(self, ids: List[int]) -> List[dict]:
+        return [self.meta.get(int(i), {}) for i in ids]

@@ -1,47 +1,35 @@
 """Interventions: per-item, per-label and per-source vote multipliers and per-item label overrides.
 
-Each call commits a new version of the interventions overlay (see `overlays.py`); votes and explanations
-use the current one. A multiplier of 0 silences an item (or a whole label/source) without deleting it.
+Each call is one append to the state's overlay table (see `overlays.py`), visible to the next query in any
+process. A multiplier of 0 silences an item (or a whole label/source) without deleting it; a weight of
+exactly 1.0 removes that entry.
 """
 from __future__ import annotations
 
 from typing import Dict, Optional
 
-from pipeline.errors import NotFound, UserError
-from pipeline.memory.overlays import Interventions, load_interventions, save_interventions
+from pipeline.errors import UserError
 
 
 def intervene(mem, item_weights: Optional[Dict[int, float]] = None, label_weights: Optional[Dict[int, float]] = None,
               source_weights: Optional[Dict[str, float]] = None,
               relabel: Optional[Dict[int, int]] = None, label_names: Optional[Dict[int, str]] = None,
               clear: bool = False) -> int:
-    """Merge the given interventions into the current overlay (or start empty with `clear`); returns the version.
-
-    `relabel` maps item id -> new label (its name from `label_names`, else the memory's name for that label).
-    A weight of exactly 1.0 removes that entry.
-    """
-    iv = Interventions() if clear else load_interventions(mem.memory_dir)
-    for i in list(item_weights or {}) + list(relabel or {}):
-        if not mem._exists(int(i)):
-            raise NotFound(f"cannot intervene on item {i}: it is not in the memory")
-    for i, w in (item_weights or {}).items():
-        it = iv.items.setdefault(int(i), {})
-        it["weight"] = float(w)
-    for i, lab in (relabel or {}).items():
-        it = iv.items.setdefault(int(i), {})
-        it["label"] = int(lab)
-        it["label_name"] = (label_names or {}).get(int(lab)) or mem.base.label_name(int(lab))
-    for lab, w in (label_weights or {}).items():
-        iv.labels[int(lab)] = float(w)
-    for src, w in (source_weights or {}).items():
-        iv.sources[str(src)] = float(w)
-    iv.items = {i: {k: v for k, v in it.items() if not (k == "weight" and v == 1.0)} for i, it in iv.items.items()}
-    iv.items = {i: it for i, it in iv.items.items() if it}
-    iv.labels = {k: v for k, v in iv.labels.items() if v != 1.0}
-    iv.sources = {k: v for k, v in iv.sources.items() if v != 1.0}
+    """Commit the given interventions (after a `clear` of all earlier ones if asked); returns the overlay
+    table's new version. Unknown or deleted item ids raise NotFound."""
     if not clear and not (item_weights or label_weights or source_weights or relabel):
         raise UserError("intervene needs item weights, label weights, source weights, relabels or clear")
-    version = save_interventions(mem.memory_dir, iv)
-    with mem._lock:
-        mem.interventions = load_interventions(mem.memory_dir)
+    mem.require_live([int(i) for i in list(item_weights or {}) + list(relabel or {})])
+    rows = [{"kind": "clear"}] if clear else []
+    rows += [{"kind": "item_weight", "target": int(i), "weight": float(w)} for i, w in (item_weights or {}).items()]
+    rows += [{"kind": "item_label", "target": int(i), "label": int(lab),
+              "label_name": (label_names or {}).get(int(lab)) or mem.label_name(int(lab))}
+             for i, lab in (relabel or {}).items()]
+    rows += [{"kind": "label_weight", "target": int(l), "weight": float(w)} for l, w in (label_weights or {}).items()]
+    rows += [{"kind": "source_weight", "target": str(s), "weight": float(w)} for s, w in (source_weights or {}).items()]
+    version = mem.state.set_overlays(rows)
+    mem.state.record("clear" if clear and len(rows) == 1 else ("relabel" if relabel and len(rows) == len(relabel)
+                                                               else "intervene"),
+                     f"{len(rows)} overlay row(s)")
+    mem.refresh()
     return version

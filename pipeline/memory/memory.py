@@ -1,12 +1,11 @@
-"""`VisualMemory`: classify, search, explain, add, delete, compact, prune and intervene on a built memory.
+"""`VisualMemory`: classify, search, explain, add, delete, relabel, compact, prune and intervene on a memory.
 
-State of a memory at manifest version N = the committed shards of vN (searched through the index layer's
-`Router`) + the delta log of vN (items added since, searched exactly in RAM) - the tombstone log of vN
-(deleted ids, excluded inside faiss) + overlays (soft-pruning gamma, interventions). Every mutation is
-durable before it returns and visible to the next query. Compaction folds delta and tombstones into the
-shards of version N+1; an open memory follows `CURRENT` and switches on its next query.
-
-Single-writer: mutations of one memory should come from one process at a time (readers may be many).
+State (see `state.py`): the faiss shards of the current manifest (searched through the index layer's
+`Router`) + the delta (item-table rows the shards do not hold yet, searched exactly in RAM) - the forget list
+(deleted ids, excluded inside faiss) + overlays (interventions, relabels, soft-pruning gamma). All of it lives
+in versioned Lance tables and immutable manifests that any number of processes read and write at once: every
+mutation is one commit, durable before it returns, and every query first checks the tables' latest versions
+(a cheap listing), so an edit made by any process is visible to the next query of every process.
 """
 from __future__ import annotations
 
@@ -20,49 +19,71 @@ import numpy as np
 from pipeline import storage
 from pipeline.errors import DataError, NotFound, UserError
 from pipeline.memory import votes
-from pipeline.memory.base import blob_url, merge_neighbors, open_base
+from pipeline.memory.base import BaseState, blob_url, merge_neighbors
 from pipeline.memory.delta import DeltaIndex
 from pipeline.memory.overlays import GammaOverlay, Interventions, load_gamma, load_interventions
 from pipeline.memory.results import Neighbor, Neighbors, Prediction
-from pipeline.memory.tombstones import TombstoneSet
+from pipeline.memory.state import FORGET, GAMMA, ITEMS, OVERLAYS, MemoryState, item_rows
 
 log = logging.getLogger("vmem.memory")
 
 
 class VisualMemory:
     def __init__(self, memory_dir: str, version: Optional[int] = None, cfg=None, follow: Optional[bool] = None,
-                 use_ray: bool = False):
+                 use_ray: bool = False, router_factory=None):
         self.memory_dir = memory_dir
         self.use_ray = use_ray
         self.cfg = cfg
         self.pinned = version is not None
         self.follow = (not self.pinned) if follow is None else follow
-        self._lock = threading.RLock()
+        self.state = MemoryState(memory_dir)
+        self._router_factory = router_factory
+        self._lock = threading.RLock()  # guards this object's caches only; correctness across processes is Lance's
         self._encoder = None
-        self._compactor: Optional[threading.Thread] = None
+        self._seen = {ITEMS: -1, FORGET: -1, OVERLAYS: -1, GAMMA: -1}
+        self.base: Optional[BaseState] = None
         self._load(version)
 
     @classmethod
-    def open(cls, memory_dir: str, version: Optional[int] = None, cfg=None, use_ray: bool = False) -> "VisualMemory":
-        """Open the memory at `memory_dir` (its CURRENT version unless `version` pins an older one).
+    def open(cls, memory_dir: str, version: Optional[int] = None, cfg=None, use_ray: bool = False,
+             router_factory=None) -> "VisualMemory":
+        """Open the memory at `memory_dir` (its newest version unless `version` pins a manifest).
 
-        `use_ray=True` searches shards in Ray actors (one per shard); the default searches in-process.
+        `use_ray=True` searches shards in Ray actors (one per shard); the default searches in-process;
+        `router_factory(manifest)` supplies another router (Serve deployments).
         """
-        return cls(memory_dir, version, cfg, use_ray=use_ray)
+        return cls(memory_dir, version, cfg, use_ray=use_ray, router_factory=router_factory)
 
-    # ----- state -----
+    # ----- following the committed state -----
     def _load(self, version: Optional[int]) -> None:
-        base = open_base(self.memory_dir, version, self.use_ray)
-        delta = DeltaIndex(base.log_url("delta"), base.dim)
-        tomb = TombstoneSet(base.log_url("tombstones"))
+        base = BaseState(self.memory_dir, version, self.use_ray, self._router_factory)
         with self._lock:
-            old = getattr(self, "base", None)
-            self.base, self.delta, self.tombstones = base, delta, tomb
+            old = self.base
+            self.base = base
+            self.delta = DeltaIndex(self.state, base.dim, base.lineage)
+            self._seen[ITEMS] = self.delta.table_version
+            self._sync_tables(force=True)
             if old is not None:
                 old.close()
-            self.gamma: Optional[GammaOverlay] = load_gamma(self.memory_dir)
-            self.interventions: Interventions = load_interventions(self.memory_dir)
         log.debug("opened memory %s version %d", self.memory_dir, base.version)
+
+    def _sync_tables(self, force: bool = False) -> bool:
+        changed = False
+        v = self.state[FORGET].version()
+        if force or v != self._seen[FORGET]:
+            self.forgotten = self.state.forgotten_ids()
+            self._seen[FORGET], changed = v, True
+        v = self.state[OVERLAYS].version()
+        if force or v != self._seen[OVERLAYS]:
+            self.interventions: Interventions = load_interventions(self.state)
+            self._seen[OVERLAYS], changed = v, True
+        v = self.state[GAMMA].version()
+        if force or v != self._seen[GAMMA]:
+            self.gamma: Optional[GammaOverlay] = load_gamma(self.state)
+            self._seen[GAMMA], changed = v, True
+        if self.delta.catch_up():
+            changed = True
+        return changed
 
     @property
     def version(self) -> int:
@@ -73,17 +94,14 @@ class VisualMemory:
         return self.base.dim
 
     def refresh(self) -> bool:
-        """Follow CURRENT (a newer manifest after compaction) and tail the logs; True if anything changed."""
+        """Follow the newest manifest and table versions; True if anything changed."""
         with self._lock:
-            changed = False
             if not self.pinned:
-                current = self.base.store_current_version()
+                current = self.base.store.current_version()
                 if current != self.base.version:
                     self._load(None)
                     return True
-            changed |= bool(self.tombstones.catch_up())
-            changed |= bool(self.delta.catch_up())
-            return changed
+            return self._sync_tables()
 
     def _maybe_follow(self) -> None:
         if self.follow:
@@ -110,42 +128,47 @@ class VisualMemory:
         return self._encoder
 
     def embed(self, images=None, embeddings=None) -> np.ndarray:
-        """(n, dim) float32 query vectors from PIL images / bytes / paths, or checked given embeddings."""
+        """(n, dim) float32 L2-normalised vectors from PIL images / bytes / paths, or checked given embeddings.
+
+        Vectors enter the memory only here, so every search and add sees unit vectors (cosine similarity)."""
         from pipeline.embed.parts import check_vectors
 
         if (images is None) == (embeddings is None):
             raise UserError("give either images or embeddings (exactly one)")
         if embeddings is not None:
-            return check_vectors(embeddings, self.dim)
+            return normalize(check_vectors(embeddings, self.dim))
         pil = [_to_pil(im) for im in images]
         if not pil:
             raise UserError("no images given")
-        return check_vectors(self.encoder().encode(pil), self.dim, what="encoder output")
+        return normalize(check_vectors(self.encoder().encode(pil), self.dim, what="encoder output"))
 
     # ----- search -----
     def search(self, images=None, embeddings=None, k: Optional[int] = None,
                nprobe: Optional[int] = None) -> Neighbors:
-        """The k nearest live items of each query (shards and delta merged; deleted ids never returned)."""
+        """The k nearest live items of each query (shards and delta merged; deleted ids never returned).
+        Labels are the current ones (relabels applied); `stored_labels` keeps what the shards hold."""
         xq = self.embed(images, embeddings)
         k = int(k or self._default("k", 10))
         if k <= 0:
             raise UserError(f"k must be > 0, got {k}")
         self._maybe_follow()
         with self._lock:
-            base, delta, tomb = self.base, self.delta, self.tombstones
-            exclude, tag = tomb.ids, tomb.position
-        rb = base.search(xq, k, nprobe=nprobe, exclude=exclude, exclude_tag=tag)
-        if not len(delta):
-            return rb
-        Dd, Id = delta.search(xq, k, exclude=exclude)
-        md = [delta.meta.get(int(i), {}) for i in Id.reshape(-1)]
+            base, delta, exclude, iv = self.base, self.delta, self.forgotten, self.interventions
+            tag = self._seen[FORGET]
+        nb = base.search(xq, k, nprobe=nprobe, exclude=exclude, exclude_tag=tag)
+        if len(delta):
+            Dd, Id = delta.search(xq, k, exclude=exclude)
+            md = delta.rows(Id.reshape(-1))
 
-        def col(name, fill, dtype):
-            return np.array([m.get(name, fill) for m in md], dtype=dtype).reshape(Id.shape)
+            def col(name, fill, dtype):
+                return np.array([m.get(name, fill) for m in md], dtype=dtype).reshape(Id.shape)
 
-        rd = Neighbors(Dd, Id, col("label", -1, np.int64), col("label_name", "", object), col("key", "", object),
-                       col("source", "", object))
-        return merge_neighbors(rb, rd, k)
+            rd = Neighbors(Dd, Id, col("label", -1, np.int64), col("label_name", "", object),
+                           col("key", "", object), col("source", "", object))
+            nb = merge_neighbors(nb, rd, k)
+        labels, names = iv.relabel(nb.I, nb.labels, nb.label_names)
+        return Neighbors(nb.D, nb.I, np.where(nb.I < 0, -1, labels), names, nb.keys, nb.sources,
+                         stored_labels=nb.labels)
 
     def vote(self, nb: Neighbors, method: Optional[str] = None, **params) -> votes.Votes:
         """Apply interventions and (soft methods) gamma, then the vote method, to searched neighbours."""
@@ -175,6 +198,7 @@ class VisualMemory:
         v, mult, labels, names, gamma = self._vote(nb, method, params)
         if gamma is None:
             gamma = np.ones(nb.I.shape)
+        stored = nb.stored_labels if nb.stored_labels is not None else nb.labels
         dist = nb.distances
         out = []
         for q in range(nb.I.shape[0]):
@@ -189,7 +213,7 @@ class VisualMemory:
                     id=int(nb.I[q, j]), label=lab, label_name=str(names[q, j]), distance=float(dist[q, j]),
                     weight=float(v.weights[q, j]), key=str(nb.keys[q, j]), source=str(nb.sources[q, j]),
                     multiplier=float(mult[q, j]), gamma=float(gamma[q, j]),
-                    original_label=int(nb.labels[q, j]) if lab != int(nb.labels[q, j]) else None))
+                    original_label=int(stored[q, j]) if lab != int(stored[q, j]) else None))
             label = int(v.label[q])
             out.append(Prediction(label=label, label_name=name_of.get(label, ""), method=method,
                                   scores={name_of.get(c, str(c)): s for c, s in v.scores(q).items()},
@@ -200,8 +224,8 @@ class VisualMemory:
                 out: Optional[str] = None, **params) -> Prediction:
         """Classify one query and (with `out`) write a picture of it beside its neighbours and the votes."""
         images = None if image is None else [image]
-        pred = self.classify(images, None if embedding is None else np.asarray(embedding)[None] if np.ndim(
-            embedding) == 1 else embedding, k=k, method=method, **params)[0]
+        emb = None if embedding is None else np.atleast_2d(np.asarray(embedding))
+        pred = self.classify(images, emb, k=k, method=method, **params)[0]
         if out:
             from pipeline.memory.explain import render_sheet
 
@@ -212,31 +236,68 @@ class VisualMemory:
     def stats(self) -> dict:
         self._maybe_follow()
         with self._lock:
-            items = self.base.count + len(self.delta)
-            return {"items": items, "live_items": items - len(self.tombstones), "shards": self.base.num_shards,
-                    "tombstones": len(self.tombstones), "delta_items": len(self.delta),
-                    "manifest_version": self.version, "version": self.version, "dim": self.dim,
-                    "encoder": self.base.encoder, "index_key": self.base.index_key,
+            ds = self.state[ITEMS].dataset()
+            rows = ds.count_rows() if ds is not None else 0
+            pending = len(self.forgotten)
+            return {"items": rows, "live_items": rows - self._held_count(self.forgotten),
+                    "shards": self.base.num_shards, "tombstones": pending, "forgotten_pending_erasure": pending,
+                    "delta_items": len(self.delta), "manifest_version": self.version, "version": self.version,
+                    "state_versions": dict(self._seen), "dim": self.dim, "encoder": self.base.encoder,
+                    "index_key": self.base.index_key,
                     "gamma_version": self.gamma.version if self.gamma else 0,
                     "interventions_version": self.interventions.version}
 
-    def _exists(self, i: int) -> bool:
-        return self.base.has_id(i) or i in self.delta.meta
+    def _held_count(self, ids: np.ndarray) -> int:
+        """How many of `ids` still have a row in the item table (deleted but not yet erased)."""
+        if not len(ids):
+            return 0
+        return self.state.items(ids.tolist(), ["id"]).num_rows
+
+    def live_rows(self, ids: Sequence[int]):
+        """Item-table rows of the `ids` that are live (held and not forgotten), one per id."""
+        t = self.state.items([int(i) for i in ids])
+        if not t.num_rows:
+            return t
+        ids_t = t.column("id").to_numpy()
+        keep = ~np.isin(ids_t, self.forgotten)
+        _, first = np.unique(ids_t, return_index=True)
+        mask = np.zeros(len(ids_t), bool)
+        mask[first] = True
+        return t.filter(keep & mask)
+
+    def require_live(self, ids: Sequence[int]) -> None:
+        """NotFound naming the ids that are not live items of this memory."""
+        if not len(ids):
+            return
+        self._maybe_follow()
+        held = set(self.live_rows(ids).column("id").to_pylist())
+        missing = [i for i in ids if int(i) not in held]
+        if missing:
+            raise NotFound(f"{len(missing)} id(s) are not live items of the memory, e.g. {missing[:5]}")
+
+    def label_name(self, label: int) -> str:
+        name = self.base.label_names.get(int(label))
+        if name is None:
+            t = self.state[ITEMS].read(["label_name"], f"label = {int(label)}")
+            name = t.column("label_name")[0].as_py() if t.num_rows else str(label)
+        return name
 
     def get_item(self, id: int) -> dict:
         """Metadata of a live item (NotFound for unknown or deleted ids)."""
         self._maybe_follow()
         i = int(id)
-        if i in self.tombstones or not self._exists(i):
-            raise NotFound(f"no item with id {i} in memory {self.memory_dir} (version {self.version})")
-        if i in self.delta.meta:
-            row = dict(self.delta.meta[i])
-        else:
-            row = self.base.item(i)
-        row = {"id": i, **row, "in_delta": i in self.delta.meta}
+        t = self.live_rows([i])
+        if not t.num_rows:
+            raise NotFound(f"no item with id {i} in memory {self.memory_dir}")
+        row = t.to_pylist()[0]
+        row["in_delta"] = row["indexed"] not in self.base.lineage
+        row["shard_no"] = int(i % max(self.base.num_shards, 1))
         it = self.interventions.items.get(i)
         if it:
             row["intervention"] = it
+            if "label" in it:
+                row["original_label"], row["label"] = row["label"], int(it["label"])
+                row["label_name"] = it.get("label_name") or row["label_name"]
         if self.gamma is not None:
             row["gamma"] = float(self.gamma.lookup(np.array([i]))[0])
         return row
@@ -252,66 +313,98 @@ class VisualMemory:
             raise NotFound(f"item {id} has no stored image (added as an embedding only)")
         return _read_tar_member(shard, item["key"])
 
-    # ----- mutations (see add.py / delete in this class / compaction.py) -----
+    # ----- mutations -----
     def add(self, images=None, embeddings=None, labels: Sequence[int] = (), keys: Sequence[str] = (),
             label_names: Optional[Sequence[str]] = None, sources: Optional[Sequence[str]] = None) -> List[int]:
-        """Add items durably into the delta; returns their ids (stable_id(key)). Visible to the next query."""
+        """Add items durably (one commit to the item table); returns their ids (stable_id(key)).
+
+        Visible to the next query of every process. A key that is live already, or was ever deleted (the
+        forget list is final), is refused."""
         from pipeline.data.ids import stable_id
 
         xb = self.embed(images, embeddings)
         n = xb.shape[0]
-        labels, keys = list(labels), [str(k) for k in keys]
+        labels, keys = [int(l) for l in labels], [str(k) for k in keys]
         if len(labels) != n or len(keys) != n:
             raise UserError(f"add got {n} items but {len(labels)} labels and {len(keys)} keys")
-        names = list(label_names) if label_names is not None else [self.base.label_name(int(l)) for l in labels]
+        names = list(label_names) if label_names is not None else [self.label_name(l) for l in labels]
         srcs = list(sources) if sources is not None else ["api"] * n
         if len(names) != n or len(srcs) != n:
             raise UserError(f"add got {n} items but {len(names)} label_names and {len(srcs)} sources")
         ids = [stable_id(k) for k in keys]
         if len(set(ids)) != n:
             raise UserError("add got the same key twice in one call; keys must be unique")
-        with self._lock:
-            self._maybe_follow()
-            for i, key in zip(ids, keys):
-                if i in self.tombstones:
-                    raise UserError(f"key {key!r} (id {i}) was deleted and is not yet erased: run `vmem compact` "
-                                    f"before adding it again")
-                if self._exists(i):
-                    raise UserError(f"key {key!r} is already in the memory (id {i}); keys must be unique")
-            if images is not None:
-                for i, im in zip(ids, images):
-                    storage.atomic_write_bytes(blob_url(self.memory_dir, i), _png_bytes(im))
-            metas = [{"label": int(l), "label_name": str(nm), "key": k, "source": str(s), "shard": ""}
-                     for l, nm, k, s in zip(labels, names, keys, srcs)]
-            self.delta.add(xb, ids, metas)
+        gone = self.state.is_forgotten(ids)
+        if gone.any():
+            j = int(np.flatnonzero(gone)[0])
+            raise UserError(f"key {keys[j]!r} (id {ids[j]}) was deleted, and deletion is final: add it under a "
+                            f"new key")
+        held = self.state.items(ids, ["id"]).column("id").to_pylist()
+        if held:
+            raise UserError(f"key(s) already in the memory, e.g. id {held[0]}; keys must be unique")
+        if images is not None:
+            for i, im in zip(ids, images):
+                storage.atomic_write_bytes(blob_url(self.memory_dir, i), _png_bytes(im))
+        metas = [{"label": l, "label_name": str(nm), "key": k, "source": str(s), "shard": ""}
+                 for l, nm, k, s in zip(labels, names, keys, srcs)]
+        self.state.add_items(item_rows(ids, metas, xb))
+        self.state.record("add", f"{n} item(s), labels {sorted(set(labels))[:10]}")
+        self.refresh()
         self._auto_compact()
         return ids
 
     def delete(self, ids: Optional[Iterable[int]] = None, label: Optional[int] = None,
                source: Optional[str] = None) -> int:
-        """Delete items by id, by label or by source; durable before returning, invisible to the next query.
+        """Delete items by id, by (current) label or by source: one append to the forget list, durable before
+        returning, invisible to the next query of every process, final (a rebuild leaves them out).
 
-        Returns how many live items were deleted. An id the memory never held raises NotFound.
-        """
+        Returns how many live items were deleted. An id the memory never held raises NotFound."""
         if ids is None and label is None and source is None:
             raise UserError("delete needs ids, a label or a source")
-        with self._lock:
-            self._maybe_follow()
-            targets: List[int] = []
-            if ids is not None:
-                ids = [int(i) for i in ids]
-                unknown = [i for i in ids if not self._exists(i)]
-                if unknown:
-                    raise NotFound(f"{len(unknown)} id(s) are not in the memory, e.g. {unknown[:5]}")
-                targets += ids
-            if label is not None or source is not None:
-                targets += self.base.select(label=label, source=source).tolist()
-                targets += [i for i, m in self.delta.meta.items()
-                            if (label is None or m["label"] == int(label))
-                            and (source is None or m["source"] == source)]
-            n = self.tombstones.add(targets)
+        self._maybe_follow()
+        targets: List[int] = []
+        if ids is not None:
+            ids = [int(i) for i in ids]
+            held = set(self.state.items(ids, ["id"]).column("id").to_pylist())
+            unknown = [i for i in ids if i not in held]
+            if unknown:
+                raise NotFound(f"{len(unknown)} id(s) are not in the memory, e.g. {unknown[:5]}")
+            targets += ids
+        if label is not None or source is not None:
+            targets += self._select(label, source)
+        what = f"ids {ids[:5]}" if ids is not None else f"label={label} source={source}"
+        return self.forget(targets, reason="delete", detail=what)
+
+    def forget(self, ids: Sequence[int], reason: str = "delete", detail: str = "") -> int:
+        """Put the live ones of `ids` on the forget list (one commit); returns how many."""
+        rows = self.live_rows(sorted({int(i) for i in ids}))
+        if rows.num_rows:
+            self.state.forget(rows.select(["id", "key", "shard"]), reason=reason)
+            self.state.record(reason, f"{rows.num_rows} item(s) {detail}".strip())
+        self.refresh()
         self._auto_compact()
-        return n
+        return rows.num_rows
+
+    def _select(self, label: Optional[int], source: Optional[str]) -> List[int]:
+        """Live ids whose current label (relabels applied) is `label` and/or whose source is `source`."""
+        relabeled = {i: it["label"] for i, it in self.interventions.items.items() if "label" in it}
+        cand = set(self.state.select(label=label, source=source).tolist())
+        if label is not None:
+            cand = {i for i in cand if relabeled.get(i, label) == int(label)}
+            moved_in = [i for i, lab in relabeled.items() if lab == int(label)]
+            if source is not None and moved_in:
+                moved_in = self.state.select(source=source)[np.isin(self.state.select(source=source), moved_in)]
+            cand |= {int(i) for i in moved_in}
+        return sorted(cand)
+
+    def relabel(self, ids: Sequence[int], label: int, label_name: Optional[str] = None) -> int:
+        """Give live items a new label (an overlay: the vote counts the new label); returns how many."""
+        from pipeline.memory.interventions import intervene
+
+        ids = [int(i) for i in ids]
+        intervene(self, relabel={i: int(label) for i in ids},
+                  label_names={int(label): label_name} if label_name else None)
+        return len(ids)
 
     # ----- maintenance -----
     def needs_compaction(self) -> Optional[str]:
@@ -320,30 +413,24 @@ class VisualMemory:
         big = self._default("delta_compact_items", 100000)
         if len(self.delta) >= big:
             return f"delta holds {len(self.delta)} items (>= {big})"
-        ratios = self.base.deleted_ratios(self.tombstones.ids)
-        worst = max(ratios) if ratios else 0.0
-        if worst >= thr and worst > 0:
-            return f"a shard has {worst:.0%} of its items deleted (>= {thr:.0%})"
+        if self.base.count and len(self.forgotten) / self.base.count >= thr:
+            return f"{len(self.forgotten)} deleted items wait for erasure (>= {thr:.0%} of the shards)"
         return None
 
     def _auto_compact(self) -> None:
-        if self.cfg is None or self.pinned:
+        if self.cfg is None or self.pinned or not self._default("auto_compact", True):
             return
         why = self.needs_compaction()
-        if why and (self._compactor is None or not self._compactor.is_alive()):
-            log.info("starting compaction in the background: %s", why)
-            self._compactor = threading.Thread(target=self.compact, name="vmem-compact", daemon=True)
-            self._compactor.start()
+        if why:
+            log.info("compacting: %s", why)
+            self.compact()
 
-    def wait_compaction(self) -> None:
-        if self._compactor is not None:
-            self._compactor.join()
-
-    def compact(self, force: bool = False) -> Optional[dict]:
-        """Fold delta and tombstones into new shards (manifest v+1); returns the compaction report."""
+    def compact(self, force: bool = False, grace_s: Optional[float] = None) -> Optional[dict]:
+        """Fold the delta and the forget list into new shards (manifest v+1) and erase deleted items; returns
+        the compaction report (None when another process committed first or there was nothing to do)."""
         from pipeline.memory.compaction import compact
 
-        return compact(self, force=force)
+        return compact(self, force=force, grace_s=grace_s)
 
     def prune(self, **kwargs) -> dict:
         from pipeline.memory.pruning import prune
@@ -355,9 +442,26 @@ class VisualMemory:
 
         return intervene(self, **kwargs)
 
+    def versions(self) -> List[dict]:
+        """The edit history, oldest first: version, at (unix s), op, detail, pid, host."""
+        return self.state.edits()
+
+    def rollback(self, version: int) -> dict:
+        """Undo the adds, relabels, interventions and prunes committed after edit `version`; deletes stay."""
+        from pipeline.memory.history import rollback
+
+        return rollback(self, version)
+
     def close(self) -> None:
-        self.wait_compaction()
         self.base.close()
+
+
+def normalize(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm (zero rows are refused: they have no direction to compare)."""
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    if (norms == 0).any():
+        raise UserError(f"{int((norms == 0).sum())} vector(s) are all zeros; they cannot be compared by cosine")
+    return np.ascontiguousarray(x / norms, dtype=np.float32)
 
 
 def _to_pil(im):

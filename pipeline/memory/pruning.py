@@ -15,7 +15,7 @@ from typing import Optional
 
 import numpy as np
 
-from pipeline.memory.overlays import load_gamma, save_gamma
+from pipeline.memory.overlays import save_gamma
 from pipeline.runtime import phase
 
 log = logging.getLogger("vmem.pruning")
@@ -41,44 +41,68 @@ def wrong_label_counts(q_ids: np.ndarray, q_labels: np.ndarray, I: np.ndarray, l
     return I2[wrong]
 
 
-def memory_vectors(mem):
-    """(ids, labels, xb) of every live item: shard vectors reconstructed from the indexes, plus the delta."""
+def shard_vectors(index) -> tuple:
+    """(ids, xb) stored in a populated shard index (IVF: reconstructed by id; IDMap: in id-map order)."""
     import faiss
 
-    from pipeline.index.shard import read_index
-    from pipeline.memory.compaction import index_ids
+    from pipeline.index.shard import index_ids
+
+    ids = index_ids(index)
+    try:
+        ivf = faiss.extract_index_ivf(index)
+    except RuntimeError:
+        ivf = None
+    if ivf is None:
+        inner = faiss.downcast_index(index).index
+        return ids, inner.reconstruct_n(0, inner.ntotal) if len(ids) else np.zeros((0, index.d), np.float32)
+    # A hashtable direct map lets faiss reconstruct by external id (ids are not 0..n-1).
+    ivf.set_direct_map_type(faiss.DirectMap.Hashtable)
+    return ids, index.reconstruct_batch(ids) if len(ids) else np.zeros((0, index.d), np.float32)
+
+
+def live_labels(mem) -> dict:
+    """id -> current label of every live item (shard metadata + delta, forgotten ids out, relabels in)."""
+    from pipeline.index.shard import read_meta
 
     base = mem.base
-    ids_all, xb_all = [], []
+    label_of = {}
     for s in base.manifest.shards:
-        index = read_index(base.store.url(s.path), mmap=False)
-        # A hashtable direct map lets faiss reconstruct by external id (ids are not 0..n-1).
-        faiss.extract_index_ivf(index).set_direct_map_type(faiss.DirectMap.Hashtable)
-        ids = index_ids(index)
-        ids_all.append(ids)
-        xb_all.append(index.reconstruct_batch(ids) if len(ids) else np.zeros((0, base.dim), np.float32))
-    ids, xb = live_vectors(mem, ids_all, xb_all)
-    return ids, item_labels(mem, ids), xb
+        meta = read_meta(base.store.url(s.meta_path), s.meta_sha256)
+        label_of.update(zip(meta.column("id").to_pylist(), meta.column("label").to_pylist()))
+    label_of.update({int(i): m["label"] for i, m in mem.delta.meta.items()})
+    for i in mem.forgotten.tolist():
+        label_of.pop(int(i), None)
+    for i, it in mem.interventions.items.items():
+        if "label" in it and int(i) in label_of:
+            label_of[int(i)] = int(it["label"])
+    return label_of
 
 
-def live_vectors(mem, ids_parts: list, xb_parts: list):
-    """(ids, xb) of the committed items given in parts, plus the delta, without the tombstoned ids."""
-    d_ids, d_xb = mem.delta.vectors()
-    ids = np.concatenate([*ids_parts, d_ids])
-    xb = np.vstack([*xb_parts, d_xb]).astype(np.float32)
-    live = ~np.isin(ids, mem.tombstones.ids)
-    return ids[live], xb[live]
+def memory_vectors(mem):
+    """(ids, labels, xb) of every live item: shard vectors reconstructed from the indexes, plus the delta.
+    Labels are the current ones (relabels applied)."""
+    from pipeline.index.shard import read_index, read_meta
 
-
-def item_labels(mem, ids: np.ndarray) -> np.ndarray:
-    """Stored label of each id (committed or in the delta)."""
     base = mem.base
-    out = np.full(len(ids), -1, np.int64)
-    in_base, rows = base.rows(ids)
-    out[in_base] = base.labels[rows]
-    for j in np.flatnonzero(~in_base):
-        out[j] = mem.delta.meta[int(ids[j])]["label"]
-    return out
+    ids_all, xb_all, label_of = [], [], {}
+    for s in base.manifest.shards:
+        ids, xb = shard_vectors(read_index(base.store.url(s.path), s.sha256, mmap=False))
+        ids_all.append(ids)
+        xb_all.append(xb)
+        meta = read_meta(base.store.url(s.meta_path), s.meta_sha256)
+        label_of.update(zip(meta.column("id").to_pylist(), meta.column("label").to_pylist()))
+    d_ids, d_xb = mem.delta.vectors()
+    label_of.update({int(i): mem.delta.meta[int(i)]["label"] for i in d_ids})
+    ids = np.concatenate([*ids_all, d_ids])
+    xb = np.vstack([*xb_all, d_xb]).astype(np.float32)
+    _, first = np.unique(ids, return_index=True)  # a folded row can still be in the delta for a moment
+    live = np.zeros(len(ids), bool)
+    live[first] = True
+    live &= ~np.isin(ids, mem.forgotten)
+    ids, xb = ids[live], xb[live]
+    labels = np.array([label_of[int(i)] for i in ids], np.int64).reshape(1, -1)
+    labels = mem.interventions.relabel(ids.reshape(1, -1), labels, labels.astype(object))[0][0]
+    return ids, labels.astype(np.int64), xb
 
 
 def _self_query_task(memory_dir: str, version: int, q_ids, q_labels, xq, k: int, nprobe):
@@ -136,16 +160,17 @@ def prune(mem, hard: bool = True, soft: bool = True, soft_k: Optional[int] = Non
               "items_with_v_gt0": int((v_soft > 0).sum())}
     if soft:
         gamma = soft_gamma(v_soft)
-        report["gamma_version"] = None if dry_run else save_gamma(mem.memory_dir, ids, v_soft, gamma)
+        report["gamma_version"] = None if dry_run else save_gamma(mem.state, ids, v_soft, gamma)
         report["gamma_mean"] = float(gamma.mean()) if len(ids) else 1.0
     if hard:
         victims = ids[v_hard >= threshold]
         report["hard_pruned"] = int(len(victims))
         if not dry_run and len(victims):
-            mem.tombstones.add(victims.tolist(), reason="hard_prune")
+            mem.forget(victims.tolist(), reason="hard_prune")
     if not dry_run:
+        mem.state.record("prune", f"soft={soft} hard={hard}: {report.get('hard_pruned', 0)} pruned, "
+                                  f"gamma over {len(ids)} item(s)")
         mem.refresh()
-        mem.gamma = load_gamma(mem.memory_dir)
     report["v_soft"] = v_soft
     report["v_hard"] = v_hard
     report["ids"] = ids

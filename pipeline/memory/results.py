@@ -45,6 +45,10 @@ class Neighbors:
     label_names: np.ndarray
     keys: np.ndarray
     sources: np.ndarray
+    stored_labels: Optional[np.ndarray] = None  # labels the shards hold, before relabel overlays
+
+    def meta_columns(self) -> tuple:
+        return self.labels, self.label_names, self.keys, self.sources
 
     @property
     def distances(self) -> np.ndarray:
@@ -52,4 +56,5 @@ class Neighbors:
 
     def take(self, k: int) -> "Neighbors":
         return Neighbors(*(a[:, :k] for a in (self.D, self.I, self.labels, self.label_names, self.keys,
-                                              self.sources)))
+                                              self.sources)),
+                         stored_labels=None if self.stored_labels is None else self.stored_labels[:, :k])

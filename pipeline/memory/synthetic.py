@@ -14,6 +14,7 @@ import pyarrow as pa
 
 from pipeline import storage
 from pipeline.data.ids import stable_id
+from pipeline.memory.state import MemoryState, item_rows
 from pipeline.index import train as itrain
 from pipeline.index.manifest import Manifest, ManifestStore
 from pipeline.index.shard import save_shard, sha256_bytes
@@ -68,6 +69,10 @@ def build_synthetic_memory(memory_dir: str, data: Synthetic, num_shards: int = 2
         entries.append(save_shard(memory_dir, version, s, index, meta))
     m = Manifest(version=version, shards=entries, index_key=index_key, dim=dim, metric="ip",
                  trained_path=trained_rel, trained_sha256=sha256_bytes(tb), nprobe=nprobe,
-                 encoder={"name": "synthetic", "dim": dim}, build={"trainer": "faiss", "source": "synthetic"})
+                 encoder={"name": "synthetic", "dim": dim},
+                 build={"trainer": "faiss", "source": "synthetic", "label_names": {str(i): n for i, n in enumerate(names)}})
     store.commit(m)
+    metas = [{"label": int(l), "label_name": names[int(l)], "key": k, "source": source, "shard": ""}
+             for l, k in zip(data.labels, data.keys)]
+    MemoryState(memory_dir).add_items(item_rows(data.ids.tolist(), metas, indexed=m.version))
     return m

@@ -123,18 +123,11 @@ class RemoteRouter:
 def served_memory(cfg: Config, router: DeploymentHandle):
     """A VisualMemory whose committed shards are searched by the router deployment, not in this process.
 
-    Votes, tombstones, delta and overlays stay in the memory layer; only `BaseState.router` is replaced, on
-    every (re)load of a manifest version, so compaction switches the shards' version too.
-    """
+    Votes, the forget list, the delta and overlays stay in the memory layer (read from the state tables);
+    each manifest version gets a `RemoteRouter`, so compaction switches the shards' version too."""
     from pipeline.memory.memory import VisualMemory
 
-    class ServedMemory(VisualMemory):
-        def _load(self, version):
-            with self._lock:  # publish the base with its remote router already attached
-                super()._load(version)
-                self.base._router = RemoteRouter(router, self.base.version)
-
-    return ServedMemory(cfg.memory_dir, None, cfg)
+    return VisualMemory.open(cfg.memory_dir, cfg=cfg, router_factory=lambda m: RemoteRouter(router, m.version))
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)

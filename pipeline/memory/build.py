@@ -1,0 +1,53 @@
+"""Build (or rebuild) a memory from embeddings while keeping its state: the forget list and the adds.
+
+A rebuild trains new faiss shards from the embedding parts, leaving out every item on the forget list (it
+says how many); items added since the first build are not in the parts, so they stay in the item table and
+are searched from the delta until the next compaction folds them into the new shards (their `indexed`
+version is not in the new manifest's lineage). The item table gets a row for every newly built item.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.index.build import build_memory as build_index
+from pipeline.index.build import scan_inputs
+from pipeline.index.manifest import Manifest
+from pipeline.embed.parts import iter_embedding_batches
+from pipeline.memory.state import ITEMS, META_FIELDS, MemoryState, item_rows
+
+log = logging.getLogger("vmem.memory")
+
+
+def build_memory(cfg, split: str = "train") -> Manifest:
+    """Build the memory at `cfg.memory_dir` from the `split` embeddings, honouring its forget list."""
+    state = MemoryState(cfg.memory_dir)
+    emb_dir = cfg.embeddings_dir(split)
+    ids, _, _ = scan_inputs(emb_dir)
+    forgotten = ids[state.is_forgotten(ids)] if state[ITEMS].exists() or state["forget"].exists() else ids[:0]
+    if len(forgotten):
+        print(f"build: leaving out {len(forgotten):,} deleted item(s) that {emb_dir} still holds")
+    manifest = build_index(cfg, split, exclude=forgotten)
+    imported = import_items(state, emb_dir, manifest.version, forgotten)
+    state.record("build", f"v{manifest.version}: {manifest.count:,} items from {split} "
+                          f"({len(forgotten):,} deleted left out, {imported:,} new rows in the item table)")
+    return manifest
+
+
+def import_items(state: MemoryState, emb_dir: str, version: int, exclude: np.ndarray) -> int:
+    """Append item-table rows for the embedding rows the table does not hold yet (metadata only: their vectors
+    stay in the parts and the shards). Returns how many rows were added."""
+    held = state[ITEMS].read(["id"]).column("id").to_numpy() if state[ITEMS].exists() else np.zeros(0, np.int64)
+    added = 0
+    for batch in iter_embedding_batches(emb_dir, 1 << 16, columns=["id", *META_FIELDS]):
+        bids = batch.column("id").to_numpy()
+        keep = ~np.isin(bids, held) & ~np.isin(bids, exclude)
+        if not keep.any():
+            continue
+        sub = batch.filter(pa.array(keep))
+        metas = sub.select(list(META_FIELDS)).to_pylist()
+        state.add_items(item_rows(sub.column("id").to_pylist(), metas, indexed=version))
+        added += sub.num_rows
+    return added
