@@ -164,7 +164,7 @@ def test_rebuild_resumes_and_killed_build_leaves_current_intact(built, monkeypat
         calls["train"] += 1
         return real_train(*a, **kw)
 
-    def one_shard_then_killed(cfg_, store_, version, trained_rel, trained_sha, emb_dir):
+    def one_shard_then_killed(cfg_, store_, version, trained_rel, trained_sha, emb_dir, exclude=None):
         b.populate_shard(store_.memory_dir, version, 0, cfg_.index.num_shards, store_.url(trained_rel),
                          trained_sha, emb_dir, 1000)
         raise KeyboardInterrupt("killed mid-build")

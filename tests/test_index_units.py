@@ -113,7 +113,7 @@ def check_store(url: str):
     loaded = store.load()
     assert loaded.parent == 1 and loaded.nprobe == 3 and loaded.logs == {"tombstones": "logs/t.jsonl"}
     assert store.load(1).nprobe == 2 and store.load(1).shards[0].count == 10
-    with pytest.raises(UserError, match="immutable"):
+    with pytest.raises(UserError, match="committed by another writer"):
         m3 = store.load(1)
         store.commit(m3)
     with pytest.raises(NotFound, match="versions"):

@@ -56,7 +56,8 @@ def study_add_class(mem_dir: str, xq, yq, label: int, k: int = 10, method: str =
     cls = yq == label
     before = {"class": _acc(mem, xq, yq, k, method, cls), "others": _acc(mem, xq, yq, k, method, ~cls),
               "all": _acc(mem, xq, yq, k, method)}
-    mem.add(embeddings=xb[sel], labels=[label] * int(sel.sum()), keys=[it["key"] for it in items],
+    # Deletion is final (the forget list refuses the old keys), so the class comes back under new keys.
+    mem.add(embeddings=xb[sel], labels=[label] * int(sel.sum()), keys=[f"{it['key']}#re-added" for it in items],
             label_names=[it["label_name"] for it in items], sources=[it["source"] for it in items])
     after = {"class": _acc(mem, xq, yq, k, method, cls), "others": _acc(mem, xq, yq, k, method, ~cls),
              "all": _acc(mem, xq, yq, k, method)}

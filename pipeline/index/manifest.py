@@ -166,7 +166,7 @@ class ManifestStore:
             except storage.AlreadyExists:
                 if not renumber:
                     raise CommitConflict(f"memory version {manifest.version} was committed by another writer "
-                                         f"first") from None
+                                         f"first (manifests are immutable)") from None
                 manifest.version = self.next_version()
         storage.atomic_write_json(storage.join(self.memory_dir, CURRENT), {"version": manifest.version})
         return manifest.version

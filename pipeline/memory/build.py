@@ -50,4 +50,6 @@ def import_items(state: MemoryState, emb_dir: str, version: int, exclude: np.nda
         metas = sub.select(list(META_FIELDS)).to_pylist()
         state.add_items(item_rows(sub.column("id").to_pylist(), metas, indexed=version))
         added += sub.num_rows
+    if added:
+        state[ITEMS].index_ids()
     return added

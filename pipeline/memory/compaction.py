@@ -34,7 +34,7 @@ from pipeline.index import train as itrain
 from pipeline.index.manifest import CommitConflict, ShardEntry
 from pipeline.index.shard import META_COLUMNS, read_index, read_meta, save_shard
 from pipeline.memory import erasure
-from pipeline.memory.state import ITEMS, id_filter
+from pipeline.memory.state import ITEMS, id_filter, retry
 from pipeline.runtime import phase
 
 log = logging.getLogger("vmem.compaction")
@@ -142,5 +142,5 @@ def compact(mem, force: bool = False, grace_s: Optional[float] = None) -> Option
 def mark_folded(state, ids: np.ndarray, version: int) -> None:
     """Record that the shards of `version` hold these delta rows (Lance retries the update on conflicts)."""
     for f in id_filter(ids.tolist()):
-        ds = state[ITEMS].dataset()
-        ds.update({"indexed": str(int(version))}, where=f"({f}) AND vector IS NOT NULL")
+        retry(lambda: state[ITEMS].dataset().update({"indexed": str(int(version))},
+                                                    where=f"({f}) AND vector IS NOT NULL"))

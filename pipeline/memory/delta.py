@@ -41,34 +41,27 @@ class DeltaIndex:
         self.state, self.dim, self.lineage = state, dim, list(lineage)
         self.table_version = -1
         self._fragments: set = set()
-        self._reset()
+        self._reset_index()
         self.catch_up()
 
-    def _reset(self) -> None:
+    def _reset_index(self) -> None:
         self.index = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
         self.meta: Dict[int, dict] = {}
-        self._fragments = set()
 
     def __len__(self) -> int:
         return len(self.meta)
 
     def catch_up(self) -> int:
         """Read rows committed (by any process) since the last call; returns how many were new."""
-        ds = self.state[ITEMS].dataset()
-        if ds is None or ds.version == self.table_version:
+        v = self.state[ITEMS].version()
+        if v == self.table_version:
             return 0
-        frags = {f.fragment_id: f for f in ds.get_fragments()}
-        if not self._fragments <= set(frags):
-            self._reset()
-        new = [f for fid, f in sorted(frags.items()) if fid not in self._fragments]
-        cols = ["id", *META_FIELDS, "vector"]
-        where = delta_filter(self.lineage)
-        added = 0
-        for f in new:
-            added += self._apply(f.to_table(columns=cols, filter=where))
-            self._fragments.add(f.fragment_id)
-        self.table_version = ds.version
-        return added
+        t, reset = self.state[ITEMS].new_rows(self._fragments, ["id", *META_FIELDS, "vector"],
+                                               delta_filter(self.lineage))
+        if reset:
+            self._reset_index()
+        self.table_version = v
+        return self._apply(t) if t.num_rows else 0
 
     def _apply(self, t) -> int:
         ids = t.column("id").to_numpy().astype(np.int64)

@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 from pipeline import storage
 from pipeline.index.manifest import ManifestStore, version_name
 from pipeline.memory.base import blob_url
-from pipeline.memory.state import FORGET, GAMMA, ITEMS, OVERLAYS, SCHEMAS, MemoryState, id_filter
+from pipeline.memory.state import FORGET, GAMMA, ITEMS, OVERLAYS, SCHEMAS, MemoryState, id_filter, retry
 
 log = logging.getLogger("vmem.erasure")
 
@@ -172,16 +172,20 @@ def _erase_tables(state: MemoryState, ids: np.ndarray) -> None:
     for f in id_filter(ids.tolist()):
         state[ITEMS].delete(f)
         state[GAMMA].delete(f)
-        ds = state[FORGET].dataset()
-        if ds is not None:
-            ds.update({"id": "NULL", "key": "NULL", "shard": "NULL", "erased": "true"}, where=f)
+        if state[FORGET].exists():
+            retry(lambda: state[FORGET].dataset().update(
+                {"id": "NULL", "key": "NULL", "shard": "NULL", "erased": "true"}, where=f))
     state[OVERLAYS].delete(f"kind IN ('item_weight', 'item_label') AND target IN ({targets})")
     for name in SCHEMAS:
         ds = state[name].dataset()
         if ds is None:
             continue
-        ds.optimize.compact_files(materialize_deletions=True, materialize_deletions_threshold=0.0)
-        ds.cleanup_old_versions(older_than=timedelta(seconds=0))
+        table = state[name]
+        retry(lambda: table.dataset().optimize.compact_files(materialize_deletions=True,
+                                                             materialize_deletions_threshold=0.0))
+        if name == ITEMS:
+            retry(table.index_ids)  # a fresh index: the old one's files list erased ids
+        retry(lambda: table.dataset().cleanup_old_versions(older_than=timedelta(seconds=0)))
 
 
 def sweep_superseded(memory_dir: str) -> List[str]:
@@ -230,7 +234,7 @@ def verify_erased(memory_dir: str, state: MemoryState, ids: np.ndarray, workdir:
         if hit:
             found[name] = hit
 
-    for url in _parquet_files(workdir):
+    for url in _parquet_files(storage.join(workdir, "embeddings")) + _parquet_files(memory_dir):
         t = pq.read_table(io.BytesIO(storage.read_bytes(url)), columns=None)
         if "id" in t.column_names:
             check(url, t.column("id").to_numpy())
@@ -257,7 +261,12 @@ def verify_erased(memory_dir: str, state: MemoryState, ids: np.ndarray, workdir:
         if ds is None or "id" not in ds.schema.names:
             continue
         for v in ds.versions():
-            t = ds.checkout_version(v["version"]).to_table(columns=["id"])
+            try:
+                t = ds.checkout_version(v["version"]).to_table(columns=["id"])
+            except (OSError, ValueError) as e:  # a concurrent erasure removed this version meanwhile
+                if "Not found" not in str(e) and "not found" not in str(e):
+                    raise
+                continue
             check(f"{state[name].url}@v{v['version']}", t.column("id").drop_null().to_numpy())
     ov = state[OVERLAYS].read(["target"])
     check(state[OVERLAYS].url, [int(x) for x in ov.column("target").to_pylist() if str(x).lstrip("-").isdigit()])

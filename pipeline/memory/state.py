@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 import socket
 import threading
 import time
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -79,6 +80,22 @@ def lance_options(url: str) -> Optional[Dict[str, str]]:
         if os.environ.get(env):
             opts[key] = os.environ[env]
     return opts
+
+
+_TRANSIENT = ("Not found", "Retryable commit conflict", "preempted", "was deleted", "No such file")
+
+
+def retry(fn: Callable, *args, attempts: int = 20, **kwargs):
+    """Call `fn`, retrying what concurrent writers cause and a second try fixes: a commit conflict Lance
+    reports as retryable, or a read of a version whose files a concurrent erasure just removed (readers
+    always want the latest version, so they re-open it and read again)."""
+    for attempt in range(attempts):
+        try:
+            return fn(*args, **kwargs)
+        except (OSError, ValueError, RuntimeError) as e:
+            if attempt == attempts - 1 or not any(t in str(e) for t in _TRANSIENT):
+                raise
+            time.sleep(min(0.01 * 2 ** attempt, 0.5) * (0.5 + random.random()))
 
 
 def id_filter(ids: Sequence[int]) -> List[str]:
@@ -140,7 +157,31 @@ class Table:
         return lance.write_dataset(table.cast(self.schema), self.url, mode="overwrite" if self.exists() else "create",
                                    storage_options=lance_options(self.url)).version
 
+    def new_rows(self, seen: set, columns: List[str], filter: Optional[str] = None):
+        return retry(self._new_rows, seen, columns, filter)
+
+    def _new_rows(self, seen: set, columns: List[str], filter: Optional[str] = None):
+        """(rows in fragments not in `seen`, reset) since the last call; `seen` (fragment ids) is updated.
+
+        Lance fragments are immutable, so rows appended by any process arrive as new fragments; `reset` is
+        True when a seen fragment is gone (compaction, or an update rewrote rows): then every row is returned
+        and the caller must rebuild from scratch."""
+        ds = self.dataset()
+        if ds is None:
+            return self.schema.empty_table().select(columns), False
+        frags = {f.fragment_id: f for f in ds.get_fragments()}
+        reset = not seen <= set(frags)
+        if reset:
+            seen.clear()
+        parts = [f.to_table(columns=columns, filter=filter) for fid, f in sorted(frags.items()) if fid not in seen]
+        seen.update(frags)
+        empty = self.schema.empty_table().select(columns)
+        return (pa.concat_tables(parts) if parts else empty), reset
+
     def read(self, columns: Optional[List[str]] = None, filter: Optional[str] = None, version: Optional[int] = None):
+        return retry(self._read, columns, filter, version)
+
+    def _read(self, columns: Optional[List[str]] = None, filter: Optional[str] = None, version: Optional[int] = None):
         ds = self.dataset()
         if ds is None:
             return self.schema.empty_table() if columns is None else self.schema.empty_table().select(columns)
@@ -148,10 +189,17 @@ class Table:
             ds = ds.checkout_version(version)
         return ds.to_table(columns=columns, filter=filter)
 
+    def index_ids(self) -> None:
+        """(Re)build the BTREE index on `id` (one-row look-ups in ~1 ms instead of a scan). Rows appended later
+        are scanned until the next rebuild; erasure rebuilds it so no old index file keeps an erased id."""
+        ds = self.dataset()
+        if ds is not None and ds.count_rows():
+            ds.create_scalar_index("id", "BTREE", replace=True)
+
     def delete(self, predicate: str) -> None:
         ds = self.dataset()
         if ds is not None:
-            ds.delete(predicate)
+            retry(lambda: self.dataset().delete(predicate))
 
 
 class MemoryState:
@@ -162,6 +210,8 @@ class MemoryState:
         self.dir = storage.join(self.memory_dir, "state")
         self.tables = {name: Table(storage.join(self.dir, f"{name}.lance"), schema) for name, schema in SCHEMAS.items()}
         self._salt: Optional[bytes] = None
+        self._forget_version, self._forget_frags = -1, set()
+        self._forget_ids, self._digests = np.zeros(0, np.int64), set()
 
     def __getitem__(self, name: str) -> Table:
         return self.tables[name]
@@ -216,13 +266,27 @@ class MemoryState:
                       "erased": pa.array([False] * n)})
         return self[FORGET].append(t)
 
+    def _sync_forget(self) -> None:
+        """Bring the cached forget list (ids not yet erased, digests of all) up to the latest version."""
+        v = self[FORGET].version()
+        if v == self._forget_version:
+            return
+        t, reset = self[FORGET].new_rows(self._forget_frags, ["id", "digest"])
+        if reset:
+            self._forget_ids, self._digests = np.zeros(0, np.int64), set()
+        ids = t.column("id").drop_null().to_numpy().astype(np.int64)
+        self._forget_ids = np.union1d(self._forget_ids, ids)
+        self._digests.update(t.column("digest").to_pylist())
+        self._forget_version = v
+
     def forgotten_ids(self) -> np.ndarray:
         """Sorted ids on the forget list that are not yet erased (still present in some faiss shard)."""
-        t = self[FORGET].read(["id"], "id IS NOT NULL")
-        return np.unique(t.column("id").to_numpy().astype(np.int64))
+        self._sync_forget()
+        return self._forget_ids
 
     def forgotten_digests(self) -> set:
-        return set(self[FORGET].read(["digest"]).column("digest").to_pylist())
+        self._sync_forget()
+        return self._digests
 
     def is_forgotten(self, ids: Sequence[int]) -> np.ndarray:
         digests = self.forgotten_digests()

@@ -74,5 +74,7 @@ def build_synthetic_memory(memory_dir: str, data: Synthetic, num_shards: int = 2
     store.commit(m)
     metas = [{"label": int(l), "label_name": names[int(l)], "key": k, "source": source, "shard": ""}
              for l, k in zip(data.labels, data.keys)]
-    MemoryState(memory_dir).add_items(item_rows(data.ids.tolist(), metas, indexed=m.version))
+    state = MemoryState(memory_dir)
+    state.add_items(item_rows(data.ids.tolist(), metas, indexed=m.version))
+    state["items"].index_ids()
     return m
