@@ -79,7 +79,10 @@ class IndexConfig:
     max_index_memory: str = "256MiB"  # autofaiss memory budget for the whole index
     memory_per_node: str = "16GiB"  # RAM a shard searcher may use; build refuses plans that do not fit
     train_sample: int = 100000
-    metric: str = "ip"  # ip (cosine on L2-normalised features) | l2
+    # ip only: every vector is L2-normalised where it enters (embedding, add, query), so inner product is
+    # cosine similarity, which the vote methods' distances (1 - similarity) assume. l2 was removed: it was
+    # accepted here but the memory layer silently treated scores as similarities.
+    metric: str = "ip"
     target_recall: float = 0.95  # recall@10 target used to choose nprobe
     max_latency_ms: float = 50.0
     recall_queries: int = 500
@@ -165,7 +168,7 @@ CHOICES = {
     "data.source": ("fashion_mnist", "image_folder"),
     "data.image_format": ("png", "jpg"),
     "embed.device": ("auto", "cpu", "cuda"),
-    "index.metric": ("ip", "l2"),
+    "index.metric": ("ip",),
 }
 POSITIVE = ("data.samples_per_shard", "embed.batch_size", "embed.num_actors", "index.num_shards",
             "memory.k", "embed.rows_per_part", "embed.preprocess_batch_size")

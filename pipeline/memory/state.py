@@ -320,10 +320,6 @@ class MemoryState:
     def gamma(self) -> pa.Table:
         return self[GAMMA].read()
 
-    def versions_key(self) -> tuple:
-        """Latest version of every table that queries read (changes whenever any committed state changes)."""
-        return tuple(self[n].version() for n in (ITEMS, FORGET, OVERLAYS, GAMMA))
-
 
 def item_rows(ids: Sequence[int], metas: Sequence[dict], vectors: Optional[np.ndarray] = None,
               indexed: int = 0) -> pa.Table:
@@ -346,10 +342,6 @@ def vectors_of(table: pa.Table, dim: int) -> np.ndarray:
         return np.zeros((0, dim), np.float32)
     buf = b"".join(table.column("vector").to_pylist())
     return np.frombuffer(buf, dtype=np.float32).reshape(-1, dim).copy()
-
-
-def live_mask(ids: np.ndarray, forgotten: np.ndarray) -> np.ndarray:
-    return ~np.isin(np.asarray(ids, np.int64), forgotten)
 
 
 def latest_per_target(t: pa.Table) -> List[dict]:

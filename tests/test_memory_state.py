@@ -1,0 +1,108 @@
+"""The memory's state in Lance tables: rebuilds keep the forget list and the adds, eval works on any state,
+relabels/versions/rollback, vectors normalised where they enter. Real Ray, faiss, Parquet and Lance."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from pipeline.config import load_config
+from pipeline.errors import NotFound, UserError
+from pipeline.eval.accuracy import accuracy_table, exact_neighbors
+from pipeline.memory.build import build_memory
+from pipeline.memory.memory import VisualMemory
+from test_index_build import clustered, write_embeddings
+
+N, DIM = 3000, 32
+
+
+@pytest.fixture
+def memory(tmp_path, ray_session):
+    overrides = [f"workdir={tmp_path / 'work'}", "index.num_shards=2", "index.recall_queries=50",
+                 "index.index_key=IVF16,Flat", "memory.grace_period_s=0", "memory.auto_compact=false"]
+    cfg = load_config(None, overrides)
+    x = clustered(N, DIM, 1, centers=10)
+    os.makedirs(cfg.embeddings_dir("train"))
+    ids = write_embeddings(cfg.embeddings_dir("train"), x)
+    build_memory(cfg, "train")
+    mem = VisualMemory.open(cfg.memory_dir, cfg=cfg)
+    yield cfg, mem, x, ids
+    mem.close()
+
+
+def _all_ids(mem, k=N + 200):
+    nb = mem.search(embeddings=np.eye(DIM, dtype=np.float32), k=k, nprobe=16)
+    return set(nb.I[nb.I >= 0].tolist())
+
+
+def test_rebuild_keeps_deletions_and_adds(memory, capsys):
+    cfg, mem, x, ids = memory
+    new = clustered(20, DIM, 9, centers=10)
+    added = mem.add(embeddings=new, labels=[3] * 20, keys=[f"new-{i}" for i in range(20)])
+    dead = ids[:50].tolist() + added[:2]
+    assert mem.delete(ids=dead) == 52
+
+    def rebuild_and_check():
+        m = build_memory(cfg, "train")
+        assert "leaving out 50 deleted item(s)" in capsys.readouterr().out
+        assert m.count == N - 50 and m.build["excluded"] == 50
+        fresh = VisualMemory.open(cfg.memory_dir, cfg=cfg)
+        live = _all_ids(fresh)
+        assert not live & set(dead)
+        assert set(added[2:]) <= live and len(live) == N - 50 + 18
+        return fresh
+
+    rebuild_and_check().close()  # the embeddings still hold the deleted items
+    report = VisualMemory.open(cfg.memory_dir, cfg=cfg).compact()
+    assert report["erasure"]["verified"]  # erasure rewrote the parts without them ...
+    write_embeddings(cfg.embeddings_dir("train"), x)  # ... and a user re-embeds the original images
+    mem2 = rebuild_and_check()  # the erased forget list (digests only) still keeps them out
+    with pytest.raises(UserError, match="deletion is final"):
+        mem2.add(embeddings=x[:1], labels=[0], keys=["new-0"])  # deleted above
+    mem2.close()
+
+
+def test_eval_and_prune_after_deletes_and_compaction(memory):
+    cfg, mem, x, ids = memory
+    mem.delete(label=int(ids[0] % 10))
+    mem.add(embeddings=clustered(10, DIM, 5, centers=10), labels=[11] * 10, keys=[f"a{i}" for i in range(10)])
+    mem.compact()
+    xq = clustered(40, DIM, 2, centers=10)
+    nb = exact_neighbors(mem, xq, 20, x, ids)
+    assert not np.isin(nb.I, ids[ids % 10 == ids[0] % 10]).any()
+    table = accuracy_table(mem, xq, np.zeros(40, np.int64), [1, 10], ["plurality"], exact_xb=x, exact_ids=ids)
+    assert set(table.rows) == {("ann", "plurality"), ("exact", "plurality")}
+    report = mem.prune(hard=False, soft=True)
+    assert report["items"] == N - int((ids % 10 == ids[0] % 10).sum()) + 10
+
+
+def test_relabel_versions_and_rollback(memory):
+    cfg, mem, x, ids = memory
+    target = int(ids[5])
+    assert mem.relabel([target], 42, "answer") == 1
+    nb = mem.search(embeddings=x[5:6], k=1, nprobe=16)
+    assert nb.I[0, 0] == target and nb.labels[0, 0] == 42 and mem.get_item(target)["label"] == 42
+    before = len(mem.versions())
+    added = mem.add(embeddings=clustered(3, DIM, 8, centers=10), labels=[1] * 3, keys=["r0", "r1", "r2"])
+    mem.delete(ids=[int(ids[7])])
+    ops = [v["op"] for v in mem.versions()]
+    assert ops == ["build", "relabel", "add", "delete"]
+    report = mem.rollback(1)  # back to just after the build: relabel and add undone, the delete stays
+    assert report["adds_undone"] == 3 and report["overlay_rows_removed"] >= 1 and report["deletes_kept"] == 1
+    assert mem.search(embeddings=x[5:6], k=1, nprobe=16).labels[0, 0] == int(ids[5] % 10)
+    live = _all_ids(mem)
+    assert not live & set(added) and int(ids[7]) not in live
+    with pytest.raises(NotFound):
+        mem.get_item(int(ids[7]))
+    assert len(mem.versions()) > before
+
+
+def test_vectors_are_normalised_where_they_enter(memory):
+    cfg, mem, x, ids = memory
+    nb1 = mem.search(embeddings=x[:3], k=5, nprobe=16)
+    nb3 = mem.search(embeddings=3 * x[:3], k=5, nprobe=16)
+    np.testing.assert_array_equal(nb1.I, nb3.I)
+    assert np.nanmax(nb3.distances) <= 2.0 and np.nanmin(nb3.distances) >= -1e-5
+    with pytest.raises(UserError, match="all zeros"):
+        mem.search(embeddings=np.zeros((1, DIM), np.float32))
