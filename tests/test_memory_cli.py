@@ -15,7 +15,7 @@ def test_cli_classify_add_delete_compact_eval(tmp_path, capsys):
             "source": ["q"] * 60, "shard": [""] * 60}
     write_part(to_table(meta, q.xb), str(work / "embeddings/test/part-00000.parquet"))
     np.save(tmp_path / "q.npy", q.xb[:2])
-    ov = [f"workdir={work}", "eval.ks=[1,10]"]
+    ov = [f"workdir={work}", "eval.ks=[1,10]", "memory.grace_period_s=0"]
     assert main(["classify", "--vectors", str(tmp_path / "q.npy"), "--method", "rank", *ov]) == 0
     assert "class_" in capsys.readouterr().out
     assert main(["add", "--vectors", str(tmp_path / "q.npy"), "--label", "9", "--label-name", "novel",

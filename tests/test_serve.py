@@ -56,6 +56,9 @@ def build_tiny_memory(cfg) -> dict:
         version=1, shards=entries, index_key="IVF4,Flat", dim=xb.shape[1], metric="ip",
         trained_path=trained_rel, trained_sha256=sha256_bytes(trained_bytes), nprobe=4,
         encoder={"name": "efficientnet_lite0", "image_size": IMAGE_SIZE}))
+    from pipeline.memory.state import MemoryState, item_rows
+
+    MemoryState(cfg.memory_dir).add_items(item_rows(ids.tolist(), meta.drop_columns(["id"]).to_pylist(), indexed=1))
     test_imgs = [s["image"] for s in open_source("fashion_mnist", cfg.data.input, "test", limit=5).samples]
     return {"xb": xb, "ids": ids, "labels": meta.column("label").to_numpy(), "test_images": test_imgs}
 
