@@ -106,3 +106,18 @@ def test_vectors_are_normalised_where_they_enter(memory):
     assert np.nanmax(nb3.distances) <= 2.0 and np.nanmin(nb3.distances) >= -1e-5
     with pytest.raises(UserError, match="all zeros"):
         mem.search(embeddings=np.zeros((1, DIM), np.float32))
+
+
+def test_exact_eval_job_matches_in_process_exact(memory):
+    from pipeline.eval.accuracy import exact_neighbors_job
+
+    cfg, mem, x, ids = memory
+    mem.delete(ids=ids[:30].tolist())
+    mem.relabel([int(ids[40])], 77)
+    mem.add(embeddings=clustered(15, DIM, 6, centers=10), labels=[5] * 15, keys=[f"j{i}" for i in range(15)])
+    xq = clustered(25, DIM, 4, centers=10)
+    a = exact_neighbors_job(mem, cfg.embeddings_dir("train"), xq, 30)
+    b = exact_neighbors(mem, xq, 30, x, ids)
+    np.testing.assert_array_equal(a.I, b.I)
+    np.testing.assert_array_equal(a.labels, b.labels)
+    assert not np.isin(a.I, ids[:30]).any()

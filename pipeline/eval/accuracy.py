@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+import pyarrow as pa
 
 from pipeline import storage
 from pipeline.memory.results import Neighbors
@@ -51,7 +52,8 @@ class AccuracyTable:
 
 def exact_neighbors(mem, xq: np.ndarray, k: int, xb: Optional[np.ndarray] = None,
                     ids: Optional[np.ndarray] = None) -> Neighbors:
-    """Brute-force top-k over the memory's live items (given float vectors `xb`/`ids`, else reconstructed)."""
+    """Brute-force top-k over the memory's live items, from given float vectors `xb`/`ids` (else the shards'
+    reconstructed vectors) plus the delta. In-process: for memories that fit; see `exact_neighbors_job`."""
     from pipeline.index.recall import exact_knn
     from pipeline.memory.pruning import live_labels, memory_vectors
 
@@ -71,6 +73,59 @@ def exact_neighbors(mem, xq: np.ndarray, k: int, xb: Optional[np.ndarray] = None
     return Neighbors(np.where(valid, D, -np.inf), I, labels, empty.copy(), empty.copy(), empty.copy())
 
 
+def _exact_part(emb_dir: str, shard: int, num_shards: int, xq: np.ndarray, k: int, dead: np.ndarray,
+                relabels: Dict[int, int], batch_rows: int):
+    """One Ray task: exact top-k of `xq` over the float embeddings of one shard's live items."""
+    from pipeline.embed.parts import embeddings_of, iter_embedding_batches
+    from pipeline.index.recall import exact_knn
+
+    labels = {}
+
+    def chunks():
+        for b in iter_embedding_batches(emb_dir, batch_rows, columns=["id", "label", "embedding"]):
+            bid = b.column("id").to_numpy()
+            keep = (bid % num_shards == shard) & ~np.isin(bid, dead)
+            if keep.any():
+                sub = b.filter(pa.array(keep))
+                labels.update(zip(sub.column("id").to_pylist(), sub.column("label").to_pylist()))
+                yield embeddings_of(sub), sub.column("id").to_numpy()
+
+    D, I = exact_knn(xq, chunks(), k)
+    L = np.array([relabels.get(int(i), labels.get(int(i), -1)) for i in I.reshape(-1)], np.int64).reshape(I.shape)
+    return D, I, L
+
+
+def exact_neighbors_job(mem, emb_dir: str, xq: np.ndarray, k: int, batch_rows: int = 65536) -> Neighbors:
+    """Exact top-k over the live items as a Ray job mapped over the shards (each task reads the float vectors
+    of its shard's items from the embedding parts), merged exactly with the delta in the driver: no process
+    holds every vector. Items the parts do not hold (adds) come from the delta."""
+    import ray
+
+    from pipeline.index.router import merge_topk
+
+    mem.refresh()
+    relabels = {i: int(it["label"]) for i, it in mem.interventions.items.items() if "label" in it}
+    dead_ref = ray.put(mem.forgotten)
+    xq_ref = ray.put(np.ascontiguousarray(xq, np.float32))
+    task = ray.remote(_exact_part)
+    parts = ray.get([task.remote(emb_dir, s, mem.base.num_shards, xq_ref, k, dead_ref, relabels, batch_rows)
+                     for s in range(mem.base.num_shards)])
+    d_ids, d_xb = mem.delta.vectors()
+    live = ~np.isin(d_ids, mem.forgotten)
+    if live.any():
+        from pipeline.index.recall import exact_knn
+
+        Dd, Id = exact_knn(xq, [(d_xb[live], d_ids[live])], k)
+        Ld = np.array([relabels.get(int(i), mem.delta.meta.get(int(i), {}).get("label", -1)) for i in Id.reshape(-1)],
+                      np.int64).reshape(Id.shape)
+        parts.append((Dd, Id, Ld))
+    D, I = merge_topk([p[0] for p in parts], [p[1] for p in parts], k)
+    label_of = {int(i): int(l) for p in parts for i, l in zip(p[1].reshape(-1), p[2].reshape(-1)) if i >= 0}
+    labels = np.array([label_of.get(int(i), -1) for i in I.reshape(-1)], np.int64).reshape(I.shape)
+    empty = np.full(I.shape, "", dtype=object)
+    return Neighbors(np.where(I >= 0, D, -np.inf), I, labels, empty.copy(), empty.copy(), empty.copy())
+
+
 def accuracy_from_neighbors(mem, nb: Neighbors, yq: np.ndarray, ks: Sequence[int], methods: Sequence[str],
                             **params) -> Dict[str, List[float]]:
     out = {}
@@ -81,8 +136,10 @@ def accuracy_from_neighbors(mem, nb: Neighbors, yq: np.ndarray, ks: Sequence[int
 
 def accuracy_table(mem, xq: np.ndarray, yq: np.ndarray, ks: Sequence[int], methods: Sequence[str],
                    exact: bool = True, exact_xb: Optional[np.ndarray] = None,
-                   exact_ids: Optional[np.ndarray] = None, nprobe: Optional[int] = None) -> AccuracyTable:
-    """accuracy@k per method for ANN search (and exact search when `exact`)."""
+                   exact_ids: Optional[np.ndarray] = None, nprobe: Optional[int] = None,
+                   exact_emb_dir: Optional[str] = None) -> AccuracyTable:
+    """accuracy@k per method for ANN search (and exact search when `exact`: over the embedding parts of
+    `exact_emb_dir` as a Ray job, else over `exact_xb`/`exact_ids` or the shards' vectors in-process)."""
     ks = sorted(int(k) for k in ks)
     rows: Dict[Tuple[str, str], List[float]] = {}
     with phase(f"eval: ANN search of {len(xq)} queries, k={ks[-1]}"):
@@ -91,7 +148,8 @@ def accuracy_table(mem, xq: np.ndarray, yq: np.ndarray, ks: Sequence[int], metho
         rows[("ann", m)] = accs
     if exact:
         with phase("eval: exact (flat) search"):
-            nb = exact_neighbors(mem, xq, ks[-1], exact_xb, exact_ids)
+            nb = (exact_neighbors_job(mem, exact_emb_dir, xq, ks[-1]) if exact_emb_dir
+                  else exact_neighbors(mem, xq, ks[-1], exact_xb, exact_ids))
         for m, accs in accuracy_from_neighbors(mem, nb, yq, ks, methods).items():
             rows[("exact", m)] = accs
     return AccuracyTable(ks, rows, len(xq))
@@ -109,7 +167,6 @@ def load_queries(cfg):
 
 def evaluate(cfg, mem=None, exact: bool = True, out_dir: Optional[str] = None) -> AccuracyTable:
     """`vmem eval`: accuracy@k table over `cfg.eval.split`; writes accuracy.csv and accuracy.png."""
-    from pipeline.embed.parts import embeddings_of, read_embeddings
     from pipeline.eval.plots import plot_accuracy
     from pipeline.memory.memory import VisualMemory
 
@@ -117,12 +174,13 @@ def evaluate(cfg, mem=None, exact: bool = True, out_dir: Optional[str] = None) -
     xq, yq = load_queries(cfg)
     methods = list(cfg.eval.methods) + ([f"soft_{m}" for m in cfg.eval.methods if not m.startswith("soft_")]
                                         if mem.gamma is not None else [])
-    xb = ids = None
     src = mem.base.manifest.build.get("split")
-    if exact and src and storage.exists(cfg.embeddings_dir(src)):  # exact over the original float vectors
-        t = read_embeddings(cfg.embeddings_dir(src), ["id", "embedding"])
-        ids, xb = t.column("id").to_numpy(), embeddings_of(t)
-    table = accuracy_table(mem, xq, yq, cfg.eval.ks, methods, exact=exact, exact_xb=xb, exact_ids=ids)
+    emb_dir = cfg.embeddings_dir(src) if src and storage.exists(cfg.embeddings_dir(src)) else None
+    if exact and emb_dir:  # exact over the original float vectors, a Ray task per shard
+        from pipeline.runtime import init_ray
+
+        init_ray(cfg)
+    table = accuracy_table(mem, xq, yq, cfg.eval.ks, methods, exact=exact, exact_emb_dir=emb_dir)
     out_dir = out_dir or storage.join(cfg.workdir, "eval")
     storage.atomic_write_bytes(storage.join(out_dir, "accuracy.csv"), table.to_csv().encode())
     plot_accuracy(table, storage.join(out_dir, "accuracy.png"))

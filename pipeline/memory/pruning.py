@@ -5,8 +5,11 @@ often it appears as a neighbour of an item with a different label.
 - soft pruning: gamma = 1 if v == 0 else 1.75 / (1 + v), v counted over `soft_k` (10) neighbours, committed
   as a versioned overlay that the soft_* vote methods read.
 
-The self-queries run as Ray tasks, one per batch of the memory's vectors (shard vectors reconstructed from the
-shard indexes, plus the delta), each opening the memory's searchers in its worker.
+The self-queries run as a Ray job mapped over the shards (plus one task for the delta): each task opens the
+memory pinned at the driver's version, reconstructs its shard's vectors, searches the whole memory with them
+and returns only the non-zero counts it saw. No process holds all vectors or all metadata: the driver holds
+the counts of items with v > 0 (gamma of every other item is 1, which is what the overlay returns for ids it
+does not list).
 """
 from __future__ import annotations
 
@@ -105,20 +108,55 @@ def memory_vectors(mem):
     return ids, labels.astype(np.int64), xb
 
 
-def _self_query_task(memory_dir: str, version: int, q_ids, q_labels, xq, k: int, nprobe):
-    """One Ray task: open the memory read-only (pinned version) and search k+1 neighbours of the batch."""
+def _counts(ids: np.ndarray) -> tuple:
+    u, c = np.unique(np.asarray(ids, np.int64), return_counts=True)
+    return u, c
+
+
+def _prune_part(memory_dir: str, version: int, shard: Optional[int], kmax: int, soft_k: int, hard_k: int,
+                nprobe, batch_size: int) -> dict:
+    """One Ray task: self-query the live items of one shard (`None`: the delta); non-zero counts only."""
+    from pipeline.index.shard import read_index, read_meta
     from pipeline.memory.memory import VisualMemory
 
     mem = VisualMemory(memory_dir, version=version, follow=False)
-    nb = mem.search(embeddings=xq, k=k + 1, nprobe=nprobe)
-    mem.close()
-    return q_ids, q_labels, nb.I, nb.labels
+    try:
+        if shard is None:
+            ids, xb = mem.delta.vectors()
+            labels = np.array([mem.delta.meta[int(i)]["label"] for i in ids], np.int64)
+        else:
+            e = mem.base.manifest.shards[shard]
+            ids, xb = shard_vectors(read_index(mem.base.store.url(e.path), e.sha256, mmap=False))
+            meta = read_meta(mem.base.store.url(e.meta_path), e.meta_sha256)
+            pos = np.searchsorted(meta.column("id").to_numpy(), ids)  # meta is sorted by id
+            labels = meta.column("label").to_numpy()[pos]
+        live = ~np.isin(ids, mem.forgotten)
+        ids, xb, labels = ids[live], xb[live], labels[live]
+        labels = mem.interventions.relabel(ids[None], labels[None], labels[None].astype(object))[0][0]
+        soft, hard = [], []
+        for s in range(0, len(ids), batch_size):
+            nb = mem.search(embeddings=xb[s:s + batch_size], k=kmax + 1, nprobe=nprobe)
+            q_ids, q_labels = ids[s:s + batch_size], labels[s:s + batch_size]
+            soft.append(wrong_label_counts(q_ids, q_labels, nb.I, nb.labels, soft_k))
+            hard.append(wrong_label_counts(q_ids, q_labels, nb.I, nb.labels, hard_k))
+        cat = lambda parts: np.concatenate(parts) if parts else np.zeros(0, np.int64)  # noqa: E731
+        return {"items": int(len(ids)), "soft": _counts(cat(soft)), "hard": _counts(cat(hard))}
+    finally:
+        mem.close()
+
+
+def _sum_counts(parts: list) -> tuple:
+    ids = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
+    c = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int64)
+    u, inv = np.unique(ids, return_inverse=True)
+    return u, np.bincount(inv, weights=c, minlength=len(u)).astype(np.int64)
 
 
 def prune(mem, hard: bool = True, soft: bool = True, soft_k: Optional[int] = None, hard_k: int = 100,
           threshold: Optional[int] = None, batch_size: int = 4096, nprobe: Optional[int] = None,
           dry_run: bool = False) -> dict:
-    """Self-query the memory on Ray, count v per item, apply hard and/or soft pruning. Returns a report."""
+    """Self-query the memory on Ray (a task per shard), apply hard and/or soft pruning. Returns a report whose
+    `ids`, `v_soft`, `v_hard` list the items with a non-zero count (every other item has v = 0)."""
     import ray
 
     cfg_mem = mem.cfg.memory if mem.cfg is not None else None
@@ -131,37 +169,31 @@ def prune(mem, hard: bool = True, soft: bool = True, soft_k: Optional[int] = Non
             init_ray(mem.cfg)
         else:
             ray.init(include_dashboard=False, log_to_driver=False)
-    ids, labels, xb = memory_vectors(mem)
+    mem.refresh()
     kmax = max(soft_k, hard_k if hard else 0)
-    task = ray.remote(_self_query_task)
+    task = ray.remote(_prune_part)
+    parts = [*range(mem.base.num_shards), None]
+    from tqdm import tqdm
+
+    with phase(f"pruning self-query (k={kmax}+1) on Ray, {len(parts)} tasks"):
+        refs = [task.remote(mem.memory_dir, mem.version, p, kmax, soft_k, hard_k, nprobe, batch_size)
+                for p in parts]
+        results = [ray.get(r) for r in tqdm(refs, desc="self-query shards", disable=len(refs) < 3)]
+    n_items = sum(r["items"] for r in results)
+    s_ids, s_v = _sum_counts([r["soft"] for r in results])
+    h_ids, h_v = _sum_counts([r["hard"] for r in results])
+    ids = np.union1d(s_ids, h_ids)
     v_soft = np.zeros(len(ids), np.int64)
+    v_soft[np.searchsorted(ids, s_ids)] = s_v
     v_hard = np.zeros(len(ids), np.int64)
-    order = np.argsort(ids)
-    sorted_ids = ids[order]
-
-    def count(into, nbr_ids):
-        if len(nbr_ids):
-            p = np.searchsorted(sorted_ids, nbr_ids)
-            ok = (p < len(sorted_ids)) & (sorted_ids[np.clip(p, 0, len(sorted_ids) - 1)] == nbr_ids)
-            np.add.at(into, order[p[ok]], 1)
-
-    with phase(f"pruning self-query of {len(ids)} items (k={kmax}+1) on Ray"):
-        refs = [task.remote(mem.memory_dir, mem.version, ids[s:s + batch_size], labels[s:s + batch_size],
-                            xb[s:s + batch_size], kmax, nprobe) for s in range(0, len(ids), batch_size)]
-        from tqdm import tqdm
-
-        for ref in tqdm(refs, desc="self-query batches", disable=len(refs) < 2):
-            q_ids, q_labels, I, L = ray.get(ref)
-            count(v_soft, wrong_label_counts(q_ids, q_labels, I, L, soft_k))
-            if hard:
-                count(v_hard, wrong_label_counts(q_ids, q_labels, I, L, hard_k))
-    report = {"items": int(len(ids)), "soft_k": soft_k, "hard_k": hard_k, "threshold": threshold,
-              "v_soft_mean": float(v_soft.mean()) if len(ids) else 0.0,
-              "items_with_v_gt0": int((v_soft > 0).sum())}
+    v_hard[np.searchsorted(ids, h_ids)] = h_v
+    report = {"items": int(n_items), "soft_k": soft_k, "hard_k": hard_k, "threshold": threshold,
+              "v_soft_mean": float(v_soft.sum() / max(n_items, 1)), "items_with_v_gt0": int((v_soft > 0).sum())}
     if soft:
-        gamma = soft_gamma(v_soft)
-        report["gamma_version"] = None if dry_run else save_gamma(mem.state, ids, v_soft, gamma)
-        report["gamma_mean"] = float(gamma.mean()) if len(ids) else 1.0
+        keep = v_soft > 0
+        gamma = soft_gamma(v_soft[keep])
+        report["gamma_version"] = None if dry_run else save_gamma(mem.state, ids[keep], v_soft[keep], gamma)
+        report["gamma_mean"] = float((gamma.sum() + (n_items - keep.sum())) / max(n_items, 1))
     if hard:
         victims = ids[v_hard >= threshold]
         report["hard_pruned"] = int(len(victims))
@@ -169,7 +201,7 @@ def prune(mem, hard: bool = True, soft: bool = True, soft_k: Optional[int] = Non
             mem.forget(victims.tolist(), reason="hard_prune")
     if not dry_run:
         mem.state.record("prune", f"soft={soft} hard={hard}: {report.get('hard_pruned', 0)} pruned, "
-                                  f"gamma over {len(ids)} item(s)")
+                                  f"{int((v_soft > 0).sum())} item(s) with gamma < 1")
         mem.refresh()
     report["v_soft"] = v_soft
     report["v_hard"] = v_hard
