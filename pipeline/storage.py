@@ -112,12 +112,8 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def atomic_write_bytes(url: str, data: bytes) -> None:
-    """Write `data` to `url` so that readers see either the old object or the complete new one."""
-    if is_remote(url):
-        fs, path = filesystem(url)
-        fs.pipe_file(path, data)  # one PUT: atomic on S3
-        return
+def _publish_local(url: str, data: bytes, publish) -> None:
+    """Write `data` to a fsync'd temp file beside `url`, then `publish(tmp, path)` it and fsync the folder."""
     path = os.path.abspath(url)
     folder = os.path.dirname(path)
     os.makedirs(folder, exist_ok=True)
@@ -127,11 +123,20 @@ def atomic_write_bytes(url: str, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        publish(tmp, path)
         _fsync_dir(folder)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def atomic_write_bytes(url: str, data: bytes) -> None:
+    """Write `data` to `url` so that readers see either the old object or the complete new one."""
+    if is_remote(url):
+        fs, path = filesystem(url)
+        fs.pipe_file(path, data)  # one PUT: atomic on S3
+        return
+    _publish_local(url, data, os.replace)
 
 
 class AlreadyExists(Exception):
@@ -154,22 +159,14 @@ def create_exclusive(url: str, data: bytes) -> None:
                 raise AlreadyExists(url) from e
             raise
         return
-    path = os.path.abspath(url)
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+
+    def link(tmp: str, path: str) -> None:
         try:
             os.link(tmp, path)
         except FileExistsError:
             raise AlreadyExists(url) from None
-        _fsync_dir(folder)
-    finally:
-        os.remove(tmp)
+
+    _publish_local(url, data, link)
 
 
 def atomic_write_json(url: str, obj: Any) -> None:
