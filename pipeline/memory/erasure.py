@@ -82,7 +82,7 @@ def erase(memory_dir: str, state: MemoryState, pending: dict, cfg=None) -> dict:
             if storage.exists(url):
                 storage.remove(url)
                 changed.append(url)
-    changed += sweep_superseded(memory_dir)
+    changed += sweep_superseded(memory_dir, pending["version"])
     for url in changed:
         storage.evict(url)
     report = verify_erased(memory_dir, state, ids, workdir)
@@ -188,26 +188,30 @@ def _erase_tables(state: MemoryState, ids: np.ndarray) -> None:
         retry(lambda: table.dataset().cleanup_old_versions(older_than=timedelta(seconds=0)))
 
 
-def sweep_superseded(memory_dir: str) -> List[str]:
-    """Remove shard folders that no manifest at or after the current one references (left by older
-    versions, or by a compaction that lost its commit race or was killed). Returns the removed URLs."""
+def sweep_superseded(memory_dir: str, erased_version: Optional[int] = None) -> List[str]:
+    """Remove shard folders that only manifests older than `erased_version` reference (default: the current
+    version). Readers of those versions had the grace period to finish; folders of newer versions, whose
+    grace period may still run, and of a compaction still writing, are kept. Returns the removed URLs."""
     store = ManifestStore(memory_dir)
     current = store.current_version()
     if current is None:
         return []
-    keep = set()
+    upto = current if erased_version is None else min(int(erased_version), current)
+    keep, referenced = set(), set()
     for v in store.versions():
-        if v >= current:
-            m = store.load(v)
-            keep |= {e.path.split("/")[1] for e in m.shards}
-            keep.add(m.trained_path)
+        folders = {e.path.split("/")[1] for e in store.load(v).shards}
+        referenced |= folders
+        if v >= upto:
+            keep |= folders
     removed = []
     for sub in storage.listdir(store.url("shards")):
         try:
             v = int(sub[1:7])
         except ValueError:
             continue
-        if sub not in keep and v <= current:
+        # Orphans (no manifest names them: a compaction that lost its race or was killed) of committed
+        # version numbers can go at once; a folder of version current+1 may belong to a running compaction.
+        if sub not in keep and (v < upto or (v <= current and sub not in referenced)):
             url = storage.join(store.url("shards"), sub)
             removed += [storage.join(url, n) for n in storage.listdir(url)]
             storage.remove(url)

@@ -119,6 +119,9 @@ class Table:
 
     def dataset(self):
         """The latest committed version (None when nothing was ever written)."""
+        return retry(self._dataset)
+
+    def _dataset(self):
         import lance
 
         with self._lock:
@@ -134,7 +137,7 @@ class Table:
         """The latest committed version (0: never written); sees other processes' commits."""
         if self._handle is None and self.dataset() is None:
             return 0
-        return self._handle.latest_version
+        return retry(lambda: self._handle.latest_version)
 
     def append(self, table: pa.Table) -> int:
         """Append rows in one commit (appends never conflict with other writers); returns the new version."""
