@@ -95,7 +95,7 @@ def main() -> int:
     import faiss
     import ray
 
-    from pipeline.index.build import build_memory, vector_batches
+    from pipeline.index.build import build_index, vector_batches
     from pipeline.index.keys import key_cost
     from pipeline.index.manifest import ManifestStore
     from pipeline.index.recall import exact_knn, recall_at
@@ -120,7 +120,7 @@ def main() -> int:
     xq = np.ascontiguousarray(pool[: args.queries])
 
     t = time.perf_counter()
-    m = build_memory(cfg, "train")
+    m = build_index(cfg, "train")
     build_s = time.perf_counter() - t
     ivf_code = key_cost(m.index_key, d).code_size
 

@@ -11,7 +11,7 @@ import pytest
 from pipeline.config import load_config
 from pipeline.embed.parts import to_table, write_part
 from pipeline.errors import IntegrityError, NotFound, UserError
-from pipeline.index.build import build_memory
+from pipeline.index.build import build_index
 from pipeline.index.manifest import ManifestStore
 from pipeline.index.router import ExcludeSet, Router
 from pipeline.index.shard import read_index
@@ -50,7 +50,7 @@ def built(tmp_path_factory, ray_session):
     x = clustered(N, DIM, 0)
     os.makedirs(cfg.embeddings_dir("train"))
     ids = write_embeddings(cfg.embeddings_dir("train"), x)
-    manifest = build_memory(cfg, "train")
+    manifest = build_index(cfg, "train")
     return cfg, manifest, x, ids
 
 
@@ -173,7 +173,7 @@ def test_rebuild_resumes_and_killed_build_leaves_current_intact(built, monkeypat
     real_populate_all = b._populate_all
     monkeypatch.setattr(b, "_populate_all", one_shard_then_killed)
     with pytest.raises(KeyboardInterrupt):
-        build_memory(cfg, "train")
+        build_index(cfg, "train")
     assert store.current_version() == 1 and store.versions() == [1]
     assert Router(cfg.memory_dir, use_ray=False).search(x[:2], 5).I[0, 0] == ids[0]  # v1 loads and verifies
     shard0 = os.path.join(cfg.memory_dir, "shards/v000002/shard-000.index")
@@ -195,7 +195,7 @@ def test_build_refuses_a_memory_that_does_not_fit(built):
     cfg, m, x, ids = built
     small = load_config(None, [f"workdir={os.path.dirname(cfg.memory_dir)}", "index.memory_per_node=100KiB"])
     with pytest.raises(UserError, match="will not fit.*100.0 KiB"):
-        build_memory(small, "train")
+        build_index(small, "train")
 
 
 def test_vmem_query_and_plan_commands(built, tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""`build_memory(cfg, split)`: embeddings -> one trained IVF index -> N populated shards -> manifest vN.
+"""`build_index(cfg, split)`: embeddings -> one trained IVF index -> N populated shards -> manifest vN.
 
 Steps (each a logged phase):
  1. scan the embedding parts (ids only): n, dim, a fingerprint of the inputs; ids must be unique.
@@ -273,11 +273,12 @@ def check_fits(cfg, key: str, n: int, dim: int) -> int:
     return need
 
 
-def build_memory(cfg, split: str = "train", exclude: Optional[np.ndarray] = None,
+def build_index(cfg, split: str = "train", exclude: Optional[np.ndarray] = None,
                  fingerprint_extra: str = "") -> Manifest:
     """Build a new memory version from the `split` embeddings, leaving out the ids in `exclude` (the memory
     layer passes its forget list); returns the committed manifest. Callers that keep a memory's state use
-    `pipeline.memory.build.build_memory`, which also keeps deletions and adds across rebuilds."""
+    `pipeline.memory.build.build_memory`, which also keeps deletions and adds across rebuilds; this function
+    alone knows nothing of a memory's state."""
     from pipeline.runtime import init_ray
 
     init_ray(cfg)  # also exports the storage settings to Ray workers

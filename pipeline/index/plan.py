@@ -1,6 +1,6 @@
 """Capacity planning: how much RAM a memory needs and how many shards / nodes hold it.
 
-Formula (the same estimate `build_memory` uses to refuse builds that cannot fit):
+Formula (the same estimate `build_index` uses to refuse builds that cannot fit):
 
   cost(key)        = faiss code size of `key` + 8 bytes of id per item  (= bytes_per_item)
                      + fixed bytes per shard: nlist*d*4 centroids, quantizer graph, OPQ matrix, list heads

@@ -12,7 +12,7 @@ import logging
 import numpy as np
 import pyarrow as pa
 
-from pipeline.index.build import build_memory as build_index
+from pipeline.index.build import build_index
 from pipeline.index.build import scan_inputs
 from pipeline.index.manifest import Manifest
 from pipeline.embed.parts import iter_embedding_batches
