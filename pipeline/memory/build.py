@@ -12,6 +12,7 @@ import logging
 import numpy as np
 import pyarrow as pa
 
+from pipeline.errors import DataError
 from pipeline.index.build import build_index
 from pipeline.index.build import scan_inputs
 from pipeline.index.manifest import Manifest
@@ -21,8 +22,22 @@ from pipeline.memory.state import ITEMS, META_FIELDS, MemoryState, item_rows
 log = logging.getLogger("vmem.memory")
 
 
-def build_memory(cfg, split: str = "train") -> Manifest:
-    """Build the memory at `cfg.memory_dir` from the `split` embeddings, honouring its forget list."""
+def build_memory(cfg, split: str = "train", attempts: int = 3) -> Manifest:
+    """Build the memory at `cfg.memory_dir` from the `split` embeddings, honouring its forget list.
+
+    A concurrent erasure may rewrite the embedding parts under a running build; the index build notices (its
+    item count no longer matches) and this starts again from the new parts, up to `attempts` times."""
+    for attempt in range(attempts):
+        try:
+            return _build(cfg, split)
+        except DataError as e:
+            if "inputs changed" not in str(e) or attempt == attempts - 1:
+                raise
+            log.warning("embeddings changed during the build (%s): building again", e)
+    raise AssertionError("unreachable")
+
+
+def _build(cfg, split: str) -> Manifest:
     state = MemoryState(cfg.memory_dir)
     emb_dir = cfg.embeddings_dir(split)
     ids, _, _ = scan_inputs(emb_dir)

@@ -77,24 +77,24 @@ def erase(memory_dir: str, state: MemoryState, pending: dict, cfg=None) -> dict:
         changed += _rewrite_tars(rows)
         changed += _rewrite_parts(storage.join(workdir, "embeddings"), ids)
         _erase_tables(state, ids)
-        for i in ids.tolist():
-            url = blob_url(memory_dir, i)
-            if storage.exists(url):
-                storage.remove(url)
-                changed.append(url)
+        blobs = [blob_url(memory_dir, i) for i in ids.tolist()]
+        blobs = [u for u in blobs if storage.exists(u)]
+        for url in blobs:
+            storage.remove(url)
     changed += sweep_superseded(memory_dir, pending["version"])
     for url in changed:
         storage.evict(url)
     report = verify_erased(memory_dir, state, ids, workdir)
+    # Counts, never ids: blob names are ids, and the report must hold nothing of an erased item.
     report.update({"version": pending["version"], "erased_ids": int(len(ids)), "rewritten_or_removed": changed,
-                   "seconds": time.perf_counter() - t0})
+                   "blobs_removed": len(blobs) if len(ids) else 0, "seconds": time.perf_counter() - t0})
     storage.atomic_write_json(storage.join(memory_dir, "erasure", f"report-{version_name(pending['version'])}.json"),
                               report)
     storage.remove(_pending_url(memory_dir, pending["version"]))
     if not report["verified"]:
         log.error("erasure verification FAILED: %s", report["found"])
     return {k: report[k] for k in ("verified", "found", "ids_checked", "files_checked")} | \
-        {"rewritten_or_removed": len(changed)}
+        {"rewritten_or_removed": len(changed) + report["blobs_removed"]}
 
 
 def _rewrite_tars(rows: pa.Table) -> List[str]:
@@ -223,44 +223,101 @@ def sweep_superseded(memory_dir: str, erased_version: Optional[int] = None) -> L
     return removed
 
 
-def verify_erased(memory_dir: str, state: MemoryState, ids: np.ndarray, workdir: str) -> dict:
-    """Scan every Parquet file, image tar, faiss shard, state table version and blob for `ids`."""
+def _files(root: str) -> List[str]:
+    """Every file under `root` (local path or URL), as URLs."""
+    fs, path = storage.filesystem(root)
+    if not fs.exists(path):
+        return []
+    prefix = root[: len(root) - len(path)] if storage.is_remote(root) else ""
+    return sorted(prefix + p for p in fs.find(path))
+
+
+def _raw_hits(data: bytes, ids: np.ndarray, decimal: List[bytes]) -> np.ndarray:
+    """Ids whose 8-byte little-endian form (at any alignment) or decimal string occurs in `data`."""
+    hit = np.zeros(len(ids), bool)
+    for off in range(8):
+        n = (len(data) - off) // 8
+        if n > 0:
+            hit |= np.isin(ids, np.frombuffer(data, dtype="<i8", count=n, offset=off))
+    for j, d in enumerate(decimal):
+        if not hit[j] and d in data:
+            hit[j] = True
+    return hit
+
+
+def _json_ints(obj) -> List[int]:
+    if isinstance(obj, bool):
+        return []
+    if isinstance(obj, int):
+        return [obj]
+    if isinstance(obj, str):
+        return [int(obj)] if obj.lstrip("-").isdigit() and len(obj) < 21 else []
+    if isinstance(obj, dict):
+        return [i for k, v in obj.items() for i in _json_ints(k) + _json_ints(v)]
+    if isinstance(obj, list):
+        return [i for v in obj for i in _json_ints(v)]
+    return []
+
+
+def _structured_ids(url: str, data: bytes) -> List[int]:
+    """Ids a file holds by its format: Parquet `id` columns, tar samples' json keys, faiss ids, JSON ints."""
     from pipeline.data.ids import stable_id
-    from pipeline.index.shard import read_index
     from pipeline.index.shard import index_ids
 
+    name = url.rsplit("/", 1)[-1]
+    if name.endswith(".parquet"):
+        t = pq.read_table(io.BytesIO(data))
+        return t.column("id").drop_null().to_pylist() if "id" in t.column_names else []
+    if name.endswith(".tar"):
+        out = []
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
+            for m in tar.getmembers():
+                if m.name.endswith(".json"):
+                    try:
+                        key = json.loads(tar.extractfile(m).read()).get("key")
+                    except ValueError:
+                        continue
+                    if key:
+                        out.append(stable_id(key))
+        return out
+    if name.endswith(".index"):
+        import faiss
+
+        return index_ids(faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))).tolist()
+    if name.endswith((".json", ".jsonl")):
+        out = []
+        for line in data.splitlines() if name.endswith(".jsonl") else [data]:
+            try:
+                out += _json_ints(json.loads(line))
+            except ValueError:
+                pass
+        return out
+    return []
+
+
+def verify_erased(memory_dir: str, state: MemoryState, ids: np.ndarray, workdir: str,
+                  raw_scan_max_bytes: int = 256 << 20) -> dict:
+    """Scan every file under the workdir (and the memory dir, if elsewhere) for `ids`: by format (Parquet id
+    columns, tar samples, faiss ids, JSON), every version of every state table, and the raw bytes of every
+    file (the id as 8-byte little-endian and as a decimal string). Returns the report: every file checked."""
     found: Dict[str, int] = {}
     checked: List[str] = []
-
-    def check(name: str, present) -> None:
-        checked.append(name)
-        hit = int(np.isin(ids, np.asarray(present, dtype=np.int64)).sum()) if len(ids) else 0
-        if hit:
-            found[name] = hit
-
-    for url in _parquet_files(storage.join(workdir, "embeddings")) + _parquet_files(memory_dir):
-        t = pq.read_table(io.BytesIO(storage.read_bytes(url)), columns=None)
-        if "id" in t.column_names:
-            check(url, t.column("id").to_numpy())
-    fs, root = storage.filesystem(storage.join(workdir, "shards"))
-    if fs.exists(root):
-        prefix = "s3://" if storage.is_remote(workdir) else ""
-        for p in sorted(fs.find(root)):
-            if p.endswith(".tar"):
-                data = storage.read_bytes(prefix + p)
-                with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
-                    keys = []
-                    for m in tar.getmembers():
-                        if m.name.endswith(".json"):
-                            try:
-                                keys.append(json.loads(tar.extractfile(m).read()).get("key", ""))
-                            except ValueError:
-                                pass
-                check(prefix + p, [stable_id(k) for k in keys if k])
-    store = ManifestStore(memory_dir)
-    for e in store.load().shards:
-        check(store.url(e.path), index_ids(read_index(store.url(e.path), mmap=False)))
-    for name in SCHEMAS:
+    ids = np.asarray(ids, np.int64)
+    decimal = [str(int(i)).encode() for i in ids] if len(ids) <= 10000 else []
+    roots = [workdir] + ([] if storage.join(memory_dir, "").startswith(storage.join(workdir, "")) else [memory_dir])
+    for url in [u for r in roots for u in _files(r)]:
+        if "/erasure/pending-" in url:
+            continue  # the schedule itself (ids to erase), removed once this report is written
+        checked.append(url)
+        if not len(ids):
+            continue
+        data = storage.read_bytes(url)
+        hit = np.isin(ids, np.asarray(_structured_ids(url, data), dtype=np.int64))
+        if len(data) <= raw_scan_max_bytes:
+            hit |= _raw_hits(data, ids, decimal)
+        if hit.any():
+            found[url] = int(hit.sum())
+    for name in SCHEMAS:  # Lance's own reader over every version still on disk (encoded columns included)
         ds = state[name].dataset()
         if ds is None or "id" not in ds.schema.names:
             continue
@@ -268,13 +325,13 @@ def verify_erased(memory_dir: str, state: MemoryState, ids: np.ndarray, workdir:
             try:
                 t = ds.checkout_version(v["version"]).to_table(columns=["id"])
             except (OSError, ValueError) as e:  # a concurrent erasure removed this version meanwhile
-                if "Not found" not in str(e) and "not found" not in str(e):
+                if "not found" not in str(e).lower():
                     raise
                 continue
-            check(f"{state[name].url}@v{v['version']}", t.column("id").drop_null().to_numpy())
-    ov = state[OVERLAYS].read(["target"])
-    check(state[OVERLAYS].url, [int(x) for x in ov.column("target").to_pylist() if str(x).lstrip("-").isdigit()])
-    blobs = [int(n.split(".")[0]) for n in storage.listdir(storage.join(memory_dir, "blobs")) if n[0].isdigit()]
-    check(storage.join(memory_dir, "blobs"), blobs)
+            where = f"{state[name].url}@v{v['version']}"
+            checked.append(where)
+            hit = int(np.isin(ids, t.column("id").drop_null().to_numpy()).sum())
+            if hit:
+                found[where] = hit
     return {"ids_checked": int(len(ids)), "files_checked": checked, "found": found, "verified": not found,
             "checked_at": time.time()}

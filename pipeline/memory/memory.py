@@ -372,7 +372,8 @@ class VisualMemory:
             targets += ids
         if label is not None or source is not None:
             targets += self._select(label, source)
-        what = f"ids {ids[:5]}" if ids is not None else f"label={label} source={source}"
+        # The edit history names no item: it must hold nothing erasure would have to find.
+        what = "by id" if ids is not None else f"label={label} source={source}"
         return self.forget(targets, reason="delete", detail=what)
 
     def forget(self, ids: Sequence[int], reason: str = "delete", detail: str = "") -> int:
