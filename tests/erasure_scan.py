@@ -189,13 +189,11 @@ def faiss_ids(data: bytes) -> np.ndarray:
     except Exception:  # not a faiss index
         return np.zeros(0, np.int64)
     out = []
+    inner = index  # `index` stays referenced: it owns the sub-index of an IDMap
     if hasattr(index, "id_map"):
         out.append(faiss.vector_to_array(index.id_map))
-        index = faiss.downcast_index(index.index)
-    try:
-        ivf = faiss.extract_index_ivf(index)
-    except Exception:  # not IVF: no inverted lists
-        ivf = None
+        inner = faiss.downcast_index(index.index)
+    ivf = faiss.try_extract_index_ivf(inner)  # None when it has no inverted lists
     if ivf is not None:
         inv = ivf.invlists
         for lst in range(ivf.nlist):

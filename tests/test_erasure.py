@@ -41,7 +41,7 @@ def _prepare(ov, image_path, result_path):
 
     cfg = load_config(None, ov)
     storage.configure(cfg.storage)
-    for argv in (["shards"], ["embed"], ["build"]):
+    for argv in (["shards", "--split", "train"], ["embed", "--split", "train"], ["build"]):
         assert main([*argv, *ov]) == 0, argv
     from pipeline.embed.parts import read_embeddings
 
@@ -134,3 +134,91 @@ def test_compact_leaves_no_trace_on_s3(tmp_path, fmnist_dir, s3_server):
     workdir = f"s3://vmem-test/erasure-{uuid.uuid4().hex[:8]}"
     dead, _ = _run_erasure(tmp_path, workdir, [f"storage.s3_endpoint_url={s3_server}"])
     _check(workdir, dead)
+
+
+def test_the_scan_finds_a_planted_trace_in_every_format(tmp_path):
+    """The scanner itself: one erased item planted in each format is found there, and clean files give nothing."""
+    import io
+    import json
+    import tarfile
+
+    import faiss
+    import lance
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.data.ids import stable_id
+    from pipeline.data.shards import tar_key
+
+    keys = {f"train/{i:06d}": stable_id(f"train/{i:06d}") for i in range(8)}
+    ids = list(keys.values())
+    dead = {ids[0]: "train/000000"}
+    live = ids[1:]
+    planted = {
+        "parquet": lambda p, i: pq.write_table(pa.table({"id": pa.array([i] + live, pa.int64())}), p),
+        "strings.parquet": lambda p, i: pq.write_table(pa.table({"k": [dead.get(i, "x"), "y"]}), p),
+        "json": lambda p, i: open(p, "w").write(json.dumps({"gamma": {str(i): 0.5}, "live": live[:2]})),
+        "jsonl": lambda p, i: open(p, "w").write("\n".join(json.dumps({"id": x}) for x in [live[0], i])),
+        "index": lambda p, i: faiss.write_index(_idmap(np.array([i] + live, np.int64)), p),
+        "ivf.index": lambda p, i: faiss.write_index(_ivf(np.array([i] + live, np.int64)), p),
+        "bin": lambda p, i: open(p, "wb").write(b"\x00" * 7 + int(i).to_bytes(8, "little") + b"\x01"),
+        "tar": lambda p, i: _tar(p, [k for k, v in keys.items() if v in (i, live[0])], tar_key),
+    }
+    needles = Needles(dead)
+    for name, write in planted.items():
+        clean, dirty = tmp_path / "clean", tmp_path / "dirty"
+        clean.mkdir(exist_ok=True)
+        dirty.mkdir(exist_ok=True)
+        write(str(clean / f"f.{name}"), live[-1])
+        write(str(dirty / f"f.{name}"), ids[0])
+        assert not scan_tree(str(clean), needles).hits, name
+        assert {h.id for h in scan_tree(str(dirty), needles).hits} == {ids[0]}, name
+        (clean / f"f.{name}").unlink()
+        (dirty / f"f.{name}").unlink()
+    # Lance: a row deleted in the latest version is still found in an older version on disk
+    uri = str(tmp_path / "lance" / "items.lance")
+    lance.write_dataset(pa.table({"id": pa.array(ids, pa.int64())}), uri)
+    lance.dataset(uri).delete(f"id = {ids[0]}")
+    hits = scan_tree(str(tmp_path / "lance"), needles).hits
+    assert any(h.how.startswith("lance v1") for h in hits) and not any(h.how.startswith("lance v2") for h in hits)
+    assert any(h.how == "file name" for h in scan_tree(str(tmp_path), Needles({ids[0]: "k"}),
+                                                        [_touch(tmp_path / f"{ids[0]}.png")]).hits)
+
+
+def _touch(path):
+    path.write_bytes(b"\x89PNG")
+    return str(path)
+
+
+def _idmap(ids):
+    import faiss
+    import numpy as np
+
+    index = faiss.IndexIDMap2(faiss.IndexFlatIP(4))
+    index.add_with_ids(np.random.default_rng(0).standard_normal((len(ids), 4)).astype("float32"), ids)
+    return index
+
+
+def _ivf(ids):
+    import faiss
+    import numpy as np
+
+    x = np.random.default_rng(0).standard_normal((64, 4)).astype("float32")
+    index = faiss.index_factory(4, "IVF2,Flat")
+    index.train(x)
+    index.add_with_ids(x[:len(ids)], ids)
+    return index
+
+
+def _tar(path, keys, tar_key):
+    import io
+    import json
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for k in keys:
+            for ext, data in (("png", b"\x89PNG"), ("json", json.dumps({"label": 1}).encode())):
+                info = tarfile.TarInfo(f"{tar_key(k)}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))

@@ -22,8 +22,8 @@ def ray_address(ray_session):
     return ray_session.get_runtime_context().gcs_address
 
 
-def _run(tmp_path, workdir, ray_address, seed, processes, ops, kinds=None, kill=True, extra=()):
-    world = rb.World(workdir=workdir, seed=seed, overrides=[f"ray.address={ray_address}", *extra])
+def _run(tmp_path, workdir, ray_address, seed, processes, ops, kinds=None, kill=True, extra=(), n_base=640):
+    world = rb.World(workdir=workdir, n_base=n_base, seed=seed, overrides=[f"ray.address={ray_address}", *extra])
     rb.build_world(world)
     plan = rb.plan_runbook(world, seed, processes, ops, kinds=kinds, kill=kill)
     run = rb.run_runbook(world, plan, str(tmp_path / "journals"))
@@ -37,7 +37,6 @@ def test_single_writer_runbook_against_the_oracle(tmp_path, ray_address):
     assert report.stats["acked"].get("add", 0) >= 3 and report.stats["live"] > 0
 
 
-@pytest.mark.slow
 def test_concurrent_writers_runbook_against_the_oracle(tmp_path, ray_address):
     report = _run(tmp_path, str(tmp_path / "work"), ray_address, seed=11, processes=3, ops=12)
     assert report.ok, report.format()
@@ -46,5 +45,5 @@ def test_concurrent_writers_runbook_against_the_oracle(tmp_path, ray_address):
 @pytest.mark.slow
 def test_concurrent_writers_runbook_on_s3(tmp_path, ray_address, s3_server):
     report = _run(tmp_path, f"s3://vmem-test/runbook-{uuid.uuid4().hex[:8]}", ray_address, seed=12, processes=3,
-                  ops=8, extra=[f"storage.s3_endpoint_url={s3_server}"])
+                  ops=8, extra=[f"storage.s3_endpoint_url={s3_server}"], n_base=320)
     assert report.ok, report.format()
