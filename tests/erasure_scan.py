@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import tarfile
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Set
@@ -38,6 +39,16 @@ class Hit:
 class Scan:
     files: List[str] = field(default_factory=list)
     hits: List[Hit] = field(default_factory=list)
+
+    def summary(self, root: str = "") -> str:
+        """One line per file with traces: how many erased ids, and how they were found."""
+        by_file: Dict[str, tuple] = {}
+        for h in self.hits:
+            ids, hows = by_file.setdefault(h.path.replace(root.rstrip("/") + "/", "", 1), (set(), set()))
+            ids.add(h.id)
+            hows.add(re.sub(r"tar member \S+", "tar member", h.how.split(" (")[0]))
+        return "\n".join(f"{p}: {len(ids)} id(s) via {', '.join(sorted(hows))}"
+                         for p, (ids, hows) in sorted(by_file.items()))
 
 
 class Needles:

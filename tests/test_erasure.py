@@ -108,8 +108,8 @@ def _check(workdir, dead):
     needles = Needles(dead)
     scan = scan_tree(workdir, needles, _cache_files(workdir) if "://" in workdir else ())
     assert len(scan.files) > 10  # tars, parts, shards, manifests at least
-    hits = "\n".join(map(str, scan.hits[:40]))
-    assert not scan.hits, f"{len(scan.hits)} traces of {len(dead)} erased items:\n{hits}"
+    assert not scan.hits, f"{len({h.id for h in scan.hits})} of {len(dead)} erased items left traces in " \
+                          f"{len({h.path for h in scan.hits})} files:\n{scan.summary(workdir)}"
 
     rep, listed = _report_files(workdir)
     assert rep.get("verified") is True
