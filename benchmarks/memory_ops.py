@@ -5,7 +5,7 @@ delete `--ops` base items one id at a time; an observer process receives every a
 item's own vector until the op shows (an add in the top-k, a delete gone), so "visible to the next query from
 another process" is measured, not assumed: `vis1_%` = share of ops the observer's FIRST query already saw,
 `vis_p50/p99_ms` = acknowledgement -> first query that saw it (includes the observer's queue wait when it falls
-behind 4 writers). Then one single-process pass measures delete-then-query and compaction as before.
+behind; writers pause `--pace-ms` between ops so one observer can keep up). Then one single-process pass measures delete-then-query and compaction as before.
 Targets (issue 9): add and delete p50 <= 5 ms, vis1_% = 100.
 
   .venv/bin/python benchmarks/memory_ops.py                              # 20k and 1M items, 1 and 4 writers
@@ -32,7 +32,7 @@ def pct(xs, p):
     return float(np.percentile(np.asarray(xs) * 1000, p)) if len(xs) else float("nan")
 
 
-def _writer(mem_dir, w, new_x, new_labels, keys, victims, q_obs, q_res, go):
+def _writer(mem_dir, w, new_x, new_labels, keys, victims, q_obs, q_res, go, pace_s):
     """One writer process: add its items one by one, then delete its victims one by one; time every call."""
     mem = VisualMemory.open(mem_dir)
     times = {"add": [], "delete": []}
@@ -47,6 +47,7 @@ def _writer(mem_dir, w, new_x, new_labels, keys, victims, q_obs, q_res, go):
             continue
         times["add"].append(time.perf_counter() - t)
         q_obs.put(("add", int(i), x, time.time()))
+        time.sleep(pace_s)
     for i, x in victims:
         t = time.perf_counter()
         try:
@@ -56,6 +57,7 @@ def _writer(mem_dir, w, new_x, new_labels, keys, victims, q_obs, q_res, go):
             continue
         times["delete"].append(time.perf_counter() - t)
         q_obs.put(("delete", int(i), x, time.time()))
+        time.sleep(pace_s)
     mem.close()
     q_res.put(("writer", w, times, errors))
 
@@ -83,7 +85,7 @@ def _observer(mem_dir, k, q_obs, q_res, ready):
     q_res.put(("observer", out))
 
 
-def concurrent(mem_dir: str, data, writers: int, ops: int, round_: int, k: int = 10) -> dict:
+def concurrent(mem_dir: str, data, writers: int, ops: int, round_: int, pace_s: float, k: int = 10) -> dict:
     """Add/delete latency with `writers` processes at once, and visibility to an observer process."""
     ctx = mp.get_context("spawn")
     q_obs, q_res, go, ready = ctx.Queue(), ctx.Queue(), ctx.Event(), ctx.Event()
@@ -97,7 +99,7 @@ def concurrent(mem_dir: str, data, writers: int, ops: int, round_: int, k: int =
                             prefix=f"r{round_}-w{w}")
         mine = [(int(data.ids[j]), data.xb[j]) for j in victims[w * ops:(w + 1) * ops]]
         procs.append(ctx.Process(target=_writer, args=(mem_dir, w, new.xb, new.labels, new.keys, mine, q_obs,
-                                                       q_res, go)))
+                                                       q_res, go, pace_s)))
     for p in procs:
         p.start()
     ready.wait(600)
@@ -146,7 +148,7 @@ def single(mem_dir: str, data, ops: int) -> dict:
             "erasure_verified": rep["erasure"]["verified"]}
 
 
-def bench(n: int, dim: int, ops: int, num_shards: int, writer_counts) -> list:
+def bench(n: int, dim: int, ops: int, num_shards: int, writer_counts, pace_s: float) -> list:
     tmp = tempfile.mkdtemp(prefix="vmem-bench-")
     try:
         nlist = int(max(16, min(4096, 4 * np.sqrt(n))))
@@ -155,7 +157,7 @@ def bench(n: int, dim: int, ops: int, num_shards: int, writer_counts) -> list:
         build_synthetic_memory(tmp, data, num_shards=num_shards, index_key=f"IVF{nlist},Flat", nprobe=16)
         build_s = time.perf_counter() - t0
         rows = [{"items": n, "index": f"IVF{nlist},Flat", "build_s": build_s,
-                 **concurrent(tmp, data, w, ops, r)} for r, w in enumerate(writer_counts)]
+                 **concurrent(tmp, data, w, ops, r, pace_s)} for r, w in enumerate(writer_counts)]
         last = single(tmp, data, min(ops, 50))
         for r in rows:
             r.update(last)
@@ -171,8 +173,10 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=32)
     ap.add_argument("--ops", type=int, default=100, help="adds and deletes per writer")
     ap.add_argument("--shards", type=int, default=2)
+    ap.add_argument("--pace-ms", type=float, default=20.0, help="pause of each writer between its ops")
     args = ap.parse_args()
-    rows = [r for n in args.sizes for r in bench(n, args.dim, args.ops, args.shards, args.writers)]
+    rows = [r for n in args.sizes for r in bench(n, args.dim, args.ops, args.shards, args.writers,
+                                                        args.pace_ms / 1000)]
     cols = ["items", "writers", "add_p50_ms", "add_p99_ms", "delete_p50_ms", "delete_p99_ms", "vis1_%",
             "vis_p50_ms", "vis_p99_ms", "never_visible", "errors", "query_p50_ms", "compaction_s"]
     print(" | ".join(f"{c:>13s}" for c in cols))
