@@ -9,6 +9,7 @@ per seed and a table of violations by property; exits 1 if any property failed.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import socket
 import sys
@@ -31,6 +32,7 @@ def start_s3() -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one line per request otherwise
     ThreadedMotoServer(ip_address="127.0.0.1", port=port).start()
     endpoint = f"http://127.0.0.1:{port}"
     os.environ.update({"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",

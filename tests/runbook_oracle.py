@@ -14,7 +14,7 @@ from typing import Dict, List, Set
 
 import numpy as np
 
-from runbook import EXPECTED_ERRORS, NLIST, RunResult, World, add_batch
+from runbook import EXPECTED_ERRORS, NLIST, RunResult, World, _close, add_batch
 
 LIVE, DEAD, MAYBE = "live", "dead", "maybe"
 
@@ -200,7 +200,7 @@ def check_memory(world: World, items: Dict[int, Item], report: Report, n_queries
             j = int(bad[0]) if len(bad) else n
             report.fail("differs_from_exact_search", f"query {row}: {len(mine)} live results; rank {j}: sim "
                                                      f"{mine[j] if j < n else None} vs exact {ref[row, j]:.4f}")
-    mem.close()
+    _close(mem)
 
 
 def check_race_errors(items: Dict[int, Item], report: Report) -> None:
