@@ -120,7 +120,7 @@ def plan_runbook(world: World, seed: int, processes: int, ops: int, kinds: Optio
             w = np.array([kinds[n] if heavy_left.get(n, 1) > 0 else 0.0 for n in names])
             kind = names[rng.choice(len(names), p=w / w.sum())]
             labels = sorted({m["label"] for m in own.values()})
-            sources = sorted({m["source"] for m in own.values()})
+            sources = sorted({m["source"] for m in own.values() if m["source"] != "base"})  # only its own
             if kind == "add":
                 label = 1000 + 10 * p + int(rng.integers(OWN_LABELS))
                 n = int(rng.integers(1, 6))
