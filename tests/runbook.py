@@ -45,9 +45,10 @@ class World:
     overrides: List[str] = field(default_factory=list)  # extra config overrides (ray.address, storage...)
 
     def config_overrides(self) -> List[str]:
+        # memory.grace_period_s stays at the product default: it is what keeps concurrent readers safe.
         return [f"workdir={self.workdir}", f"index.index_key=IVF{NLIST},Flat", "index.num_shards=2",
                 "index.recall_queries=50", "index.recall_split=null", "index.train_sample=100000",
-                "memory.grace_period_s=0", *self.overrides]
+                *self.overrides]
 
     def config(self):
         from pipeline import storage
