@@ -214,6 +214,10 @@ def verify(world: World, plan: dict, run: RunResult) -> Report:
     """Every property of the runbook, as a report (report.ok when all hold)."""
     report = Report()
     items = build_oracle(world, plan, run, report)
-    check_memory(world, items, report)
+    try:
+        check_memory(world, items, report)
+    except Exception as e:  # e.g. the memory no longer opens: reported with everything the journals showed
+        report.fail("memory_unreadable", f"{type(e).__name__}: {_last_line(str(e))}")
+        return report
     check_race_errors(items, report)
     return report
