@@ -9,7 +9,7 @@ behind; writers pause `--pace-ms` between ops so one observer can keep up). Then
 Targets (issue 9): add and delete p50 <= 5 ms, vis1_% = 100.
 
   .venv/bin/python benchmarks/memory_ops.py                              # 20k and 1M items, 1 and 4 writers
-  .venv/bin/python benchmarks/memory_ops.py --sizes 20000 --writers 1 4  # quick
+  .venv/bin/python benchmarks/memory_ops.py --sizes 20000 --ops 40       # quick
 """
 from __future__ import annotations
 

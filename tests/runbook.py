@@ -187,21 +187,28 @@ def read_journal(path: str) -> List[dict]:
     return [json.loads(line) for line in lines[:-1] if line]
 
 
-def child_main(world: dict, seed: int, p: int, steps: List[dict], journal_path: str) -> None:
-    """Run process p's ops against the memory, journalling each and checking its own effect right after."""
+def child_main(world: dict, seed: int, p: int, steps: List[dict], journal_path: str,
+               hold_at: Optional[int] = None) -> None:
+    """Run process p's ops against the memory, journalling each and checking its own effect right after.
+
+    `hold_at`: after journalling `begin` of that op, wait for the parent's go (it SIGKILLs us moments later),
+    so the kill reliably lands inside the op instead of after the last one.
+    """
     jr = Journal(journal_path)
     try:
-        _child_ops(World(**world), seed, p, steps, jr)
+        _child_ops(World(**world), seed, p, steps, jr, hold_at)
     except BaseException as e:  # e.g. the memory cannot be opened: the parent reports it
         jr.write(i=-1, phase="crashed", error=f"{type(e).__name__}: {e}", trace=traceback.format_exc(limit=8))
         raise
 
 
-def _child_ops(world: World, seed: int, p: int, steps: List[dict], jr: Journal) -> None:
+def _child_ops(world: World, seed: int, p: int, steps: List[dict], jr: Journal, hold_at: Optional[int]) -> None:
     jr.write(i=-1, phase="started", pid=os.getpid())
     ctx = _ChildState(world, seed, p)
     for i, op in enumerate(steps):
         jr.write(i=i, phase="begin", op=op)
+        if i == hold_at:
+            _wait_for(jr.f.name + ".go", timeout_s=60)
         try:
             result = ctx.execute(op)
         except Exception as e:  # journalled, judged by the parent (expected races vs. bugs)
@@ -223,6 +230,12 @@ def _close(mem) -> None:
     """Close a memory if its API has close() (waits for a background compaction today)."""
     if hasattr(mem, "close"):
         mem.close()
+
+
+def _wait_for(path: str, timeout_s: float) -> None:
+    t0 = time.time()
+    while not os.path.exists(path) and time.time() - t0 < timeout_s:
+        time.sleep(0.002)
 
 
 class _ChildState:
@@ -338,19 +351,24 @@ def run_runbook(world: World, plan: dict, journal_dir: str, timeout_s: float = 3
     os.makedirs(journal_dir, exist_ok=True)
     ctx = mp.get_context("spawn")
     paths = [os.path.join(journal_dir, f"proc-{p}.jsonl") for p in range(plan["processes"])]
-    for path in paths:
+    for path in paths + [p + ".go" for p in paths]:
         if os.path.exists(path):
             os.remove(path)
-    procs = [ctx.Process(target=child_main, args=(asdict(world), plan["seed"], p, steps, paths[p]), daemon=True)
-             for p, steps in enumerate(plan["ops"])]
+    victim = plan.get("kill")
+    holds = [plan["kill_at"] if p == victim else None for p in range(plan["processes"])]
+    procs = [ctx.Process(target=child_main, args=(asdict(world), plan["seed"], p, steps, paths[p], holds[p]),
+                         daemon=True) for p, steps in enumerate(plan["ops"])]
+    delay = np.random.default_rng(plan["seed"]).uniform(0.0, 0.03)  # how far into the op the kill lands
     t0 = time.time()
     for pr in procs:
         pr.start()
-    victim, killed_mid = plan.get("kill"), False
+    killed_mid = False
     while any(pr.is_alive() for pr in procs) and time.time() - t0 < timeout_s:
         if victim is not None and procs[victim].is_alive():
             recs = read_journal(paths[victim])
-            if recs and recs[-1]["phase"] == "begin" and recs[-1]["i"] >= plan["kill_at"]:
+            if recs and recs[-1]["phase"] == "begin" and recs[-1]["i"] == plan["kill_at"]:
+                open(paths[victim] + ".go", "w").close()
+                time.sleep(delay)
                 os.kill(procs[victim].pid, signal.SIGKILL)
                 procs[victim].join()
                 killed_mid = read_journal(paths[victim])[-1]["phase"] == "begin"
