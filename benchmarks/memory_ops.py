@@ -5,7 +5,8 @@ delete `--ops` base items one id at a time; an observer process receives every a
 item's own vector until the op shows (an add in the top-k, a delete gone), so "visible to the next query from
 another process" is measured, not assumed: `vis1_%` = share of ops the observer's FIRST query already saw,
 `vis_p50/p99_ms` = acknowledgement -> first query that saw it (includes the observer's queue wait when it falls
-behind; writers pause `--pace-ms` between ops so one observer can keep up). Then one single-process pass measures delete-then-query and compaction as before.
+behind; writers pause `--pace-ms` between ops so one observer can keep up). Then one single-process pass
+measures delete-then-query and compaction as before.
 Targets (issue 9): add and delete p50 <= 5 ms, vis1_% = 100.
 
   .venv/bin/python benchmarks/memory_ops.py                              # 20k and 1M items, 1 and 4 writers
