@@ -33,8 +33,6 @@ def _prepare(ov, image_path, result_path):
     """Spawned: stages -> memory -> edits that leave traces everywhere -> deletes. Writes {id: key} deleted."""
     import json
 
-    import pyarrow.parquet as pq
-
     from pipeline.cli import main
     from pipeline.config import load_config
     from pipeline import storage
@@ -62,7 +60,6 @@ def _prepare(ov, image_path, result_path):
     assert main(["delete", *ids, *ov]) == 0
     with open(result_path, "w") as f:
         json.dump({str(i): k for i, k in dead.items()}, f)
-    del pq
 
 
 def _run_erasure(tmp_path, workdir, extra=()):
@@ -83,7 +80,7 @@ def _run_erasure(tmp_path, workdir, extra=()):
     out = subprocess.run([sys.executable, "-m", "pipeline.cli", "compact", *ov], env=env, capture_output=True,
                          text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    return dead, out.stdout
+    return dead
 
 
 def _cache_files(workdir):
@@ -124,7 +121,7 @@ def _check(workdir, dead):
 @pytest.mark.slow
 def test_compact_leaves_no_trace_of_deleted_items(tmp_path, fmnist_dir):
     workdir = str(tmp_path / "work")
-    dead, _ = _run_erasure(tmp_path, workdir)
+    dead = _run_erasure(tmp_path, workdir)
     assert len(dead) > 20
     _check(workdir, dead)
 
@@ -132,15 +129,13 @@ def test_compact_leaves_no_trace_of_deleted_items(tmp_path, fmnist_dir):
 @pytest.mark.slow
 def test_compact_leaves_no_trace_on_s3(tmp_path, fmnist_dir, s3_server):
     workdir = f"s3://vmem-test/erasure-{uuid.uuid4().hex[:8]}"
-    dead, _ = _run_erasure(tmp_path, workdir, [f"storage.s3_endpoint_url={s3_server}"])
+    dead = _run_erasure(tmp_path, workdir, [f"storage.s3_endpoint_url={s3_server}"])
     _check(workdir, dead)
 
 
 def test_the_scan_finds_a_planted_trace_in_every_format(tmp_path):
     """The scanner itself: one erased item planted in each format is found there, and clean files give nothing."""
-    import io
     import json
-    import tarfile
 
     import faiss
     import lance
