@@ -88,7 +88,7 @@ def build_world(world: World) -> None:
 
 
 def _build_child(world: dict) -> None:
-    from pipeline.index.build import build_memory
+    from pipeline.memory.build import build_memory
 
     build_memory(World(**world).config())
 
@@ -290,7 +290,7 @@ class _ChildState:
             pruned = np.asarray(rep.get("ids", []))[v >= rep.get("threshold", 10 ** 6)] if len(v) else []
             return {"pruned": [int(i) for i in pruned], "hard_pruned": int(rep.get("hard_pruned", 0))}
         if kind == "rebuild":
-            from pipeline.index.build import build_memory
+            from pipeline.memory.build import build_memory
 
             m = build_memory(self.cfg)
             return {"version": int(getattr(m, "version", -1))}

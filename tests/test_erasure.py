@@ -46,14 +46,18 @@ def _prepare(ov, image_path, result_path):
     t = read_embeddings(cfg.embeddings_dir("train"), ["id", "key", "label"]).to_pandas()
     by_label = t[t.label == CLASS]
     others = t[t.label != CLASS].head(3)
-    dead = {int(i): k for i, k in zip(by_label.id, by_label.key)} | {int(i): k for i, k in zip(others.id, others.key)}
+    # by_label.iloc[0] is relabelled to 5 below, and a delete by label deletes by the *current* label, so
+    # it stays live; the items deleted are the rest of the class, three others by id and the added image.
+    moved = int(by_label.id.iloc[0])
+    dead = {int(i): k for i, k in zip(by_label.id, by_label.key) if int(i) != moved} | \
+        {int(i): k for i, k in zip(others.id, others.key)}
     assert main(["add", image_path, "--label", "9", "--key", "erase-me-new", *ov]) == 0
     from pipeline.data.ids import stable_id
 
     new_id = stable_id("erase-me-new")
     dead[new_id] = "erase-me-new"
     victim = int(others.id.iloc[0])
-    assert main(["intervene", "--item", f"{victim}:2", "--relabel", f"{int(by_label.id.iloc[0])}:5", *ov]) == 0
+    assert main(["intervene", "--item", f"{victim}:2", "--relabel", f"{moved}:5", *ov]) == 0
     assert main(["prune", "--no-hard", *ov]) == 0  # gamma overlay: one value per item id
     assert main(["delete", "--label", str(CLASS), *ov]) == 0
     ids = [a for i in list(others.id) + [new_id] for a in ("--id", str(int(i)))]
