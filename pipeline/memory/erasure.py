@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import tarfile
 import time
 from datetime import timedelta
@@ -62,39 +63,85 @@ def erase_due(memory_dir: str, state: MemoryState, cfg=None, now: Optional[float
             except FileNotFoundError:
                 continue  # another process erased it meanwhile
             if pending["due"] <= (now if now is not None else time.time()):
-                out.append(erase(memory_dir, state, pending, cfg))
+                report = erase(memory_dir, state, pending, cfg)
+                if report is not None:
+                    out.append(report)
     return out
 
 
-def erase(memory_dir: str, state: MemoryState, pending: dict, cfg=None) -> dict:
-    """Erase the ids of `pending` from every artifact (idempotent; safe to run twice or concurrently)."""
+LOCK_STALE_S = 600.0  # a lock older than this belongs to an eraser that died: the next one takes over
+
+
+def _lock_url(memory_dir: str) -> str:
+    return storage.join(memory_dir, "erasure", "LOCK")
+
+
+def _acquire(memory_dir: str) -> bool:
+    """Take the memory's erasure lock (one eraser at a time: two would race on the same table versions)."""
+    url = _lock_url(memory_dir)
+    for _ in range(2):
+        try:
+            storage.create_exclusive(url, json.dumps({"pid": os.getpid(), "at": time.time()}).encode())
+            return True
+        except storage.AlreadyExists:
+            try:
+                held = storage.read_json(url)
+            except (FileNotFoundError, ValueError):
+                continue
+            if time.time() - float(held.get("at", 0)) < LOCK_STALE_S:
+                return False
+            storage.remove(url)  # stale
+    return False
+
+
+def erase(memory_dir: str, state: MemoryState, pending: dict, cfg=None, attempts: int = 3) -> Optional[dict]:
+    """Erase the ids of `pending` from every artifact, verify, and write the report; returns its summary, or
+    None when another process holds the erasure lock (it, or a later compaction, erases them)."""
+    if not _acquire(memory_dir):
+        log.info("erasure of v%s: another process is erasing; leaving it to that one", pending["version"])
+        return None
+    try:
+        return _erase_locked(memory_dir, state, pending, cfg, attempts)
+    finally:
+        storage.remove(_lock_url(memory_dir))
+
+
+def _erase_locked(memory_dir: str, state: MemoryState, pending: dict, cfg, attempts: int) -> dict:
     ids = np.asarray(pending["ids"], dtype=np.int64)
     t0 = time.perf_counter()
     workdir = workdir_of(memory_dir, cfg)
     changed: List[str] = []
+    blobs: List[str] = []
     if len(ids):
         rows = pa.concat_tables([state[FORGET].read(["id", "key", "shard"], f) for f in id_filter(ids.tolist())])
         changed += _rewrite_tars(rows)
         changed += _rewrite_parts(storage.join(workdir, "embeddings"), ids)
-        _erase_tables(state, ids)
-        blobs = [blob_url(memory_dir, i) for i in ids.tolist()]
-        blobs = [u for u in blobs if storage.exists(u)]
+        blobs = [u for u in (blob_url(memory_dir, i) for i in ids.tolist()) if storage.exists(u)]
         for url in blobs:
             storage.remove(url)
     changed += sweep_superseded(memory_dir, pending["version"])
     for url in changed:
         storage.evict(url)
-    report = verify_erased(memory_dir, state, ids, workdir)
+    # Writers keep committing while we erase (a fold rewriting rows read before our delete, an index built on
+    # an older version): erase the tables and check again until nothing is found.
+    for attempt in range(attempts):
+        if len(ids):
+            _erase_tables(state, ids)
+        report = verify_erased(memory_dir, state, ids, workdir)
+        if report["verified"]:
+            break
+        log.info("erasure of v%s: traces left by concurrent writers (%s), erasing again", pending["version"],
+                 report["found"])
     # Counts, never ids: blob names are ids, and the report must hold nothing of an erased item.
     report.update({"version": pending["version"], "erased_ids": int(len(ids)), "rewritten_or_removed": changed,
-                   "blobs_removed": len(blobs) if len(ids) else 0, "seconds": time.perf_counter() - t0})
+                   "blobs_removed": len(blobs), "attempts": attempt + 1, "seconds": time.perf_counter() - t0})
     storage.atomic_write_json(storage.join(memory_dir, "erasure", f"report-{version_name(pending['version'])}.json"),
                               report)
     storage.remove(_pending_url(memory_dir, pending["version"]))
     if not report["verified"]:
         log.error("erasure verification FAILED: %s", report["found"])
     return {k: report[k] for k in ("verified", "found", "ids_checked", "files_checked")} | \
-        {"rewritten_or_removed": len(changed) + report["blobs_removed"]}
+        {"rewritten_or_removed": len(changed) + len(blobs)}
 
 
 def _rewrite_tars(rows: pa.Table) -> List[str]:
@@ -185,6 +232,10 @@ def _erase_tables(state: MemoryState, ids: np.ndarray) -> None:
                                                              materialize_deletions_threshold=0.0))
         if name == ITEMS:
             retry(table.index_ids)  # a fresh index: the old one's files list erased ids
+        # The delete/update transactions above name the ids in their predicates, and Lance keeps the newest
+        # version's transaction: commit a config change on top, so that they belong to old versions...
+        retry(lambda: table.dataset().update_config({"vmem.erased_at": str(time.time())}))
+        # ... which this removes with every file only they reference.
         retry(lambda: table.dataset().cleanup_old_versions(older_than=timedelta(seconds=0)))
 
 
@@ -214,7 +265,10 @@ def sweep_superseded(memory_dir: str, erased_version: Optional[int] = None) -> L
         if sub not in keep and (v < upto or (v <= current and sub not in referenced)):
             url = storage.join(store.url("shards"), sub)
             removed += [storage.join(url, n) for n in storage.listdir(url)]
-            storage.remove(url)
+            try:
+                storage.remove(url)
+            except FileNotFoundError:
+                pass  # a compaction that lost its race removed its own files meanwhile
     for legacy in ("logs", "overlays"):  # the file logs of earlier releases
         url = store.url(legacy)
         if storage.listdir(url):
@@ -308,10 +362,14 @@ def verify_erased(memory_dir: str, state: MemoryState, ids: np.ndarray, workdir:
     for url in [u for r in roots for u in _files(r)]:
         if "/erasure/pending-" in url:
             continue  # the schedule itself (ids to erase), removed once this report is written
-        checked.append(url)
         if not len(ids):
+            checked.append(url)
             continue
-        data = storage.read_bytes(url)
+        try:
+            data = storage.read_bytes(url)
+        except FileNotFoundError:
+            continue  # removed meanwhile (a concurrent cleanup): nothing left to find in it
+        checked.append(url)
         hit = np.isin(ids, np.asarray(_structured_ids(url, data), dtype=np.int64))
         if len(data) <= raw_scan_max_bytes:
             hit |= _raw_hits(data, ids, decimal)

@@ -141,6 +141,9 @@ class Table:
 
     def append(self, table: pa.Table) -> int:
         """Append rows in one commit (appends never conflict with other writers); returns the new version."""
+        return retry(self._append, table)
+
+    def _append(self, table: pa.Table) -> int:
         import lance
 
         mode = "append" if self.exists() else "create"
@@ -155,6 +158,9 @@ class Table:
         return ds.version
 
     def overwrite(self, table: pa.Table) -> int:
+        return retry(self._overwrite, table)
+
+    def _overwrite(self, table: pa.Table) -> int:
         import lance
 
         return lance.write_dataset(table.cast(self.schema), self.url, mode="overwrite" if self.exists() else "create",
