@@ -19,6 +19,7 @@ every file it references) untouched.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -274,7 +275,7 @@ def check_fits(cfg, key: str, n: int, dim: int) -> int:
 
 
 def build_index(cfg, split: str = "train", exclude: Optional[np.ndarray] = None,
-                 fingerprint_extra: str = "") -> Manifest:
+                 commit_guard=None) -> Manifest:
     """Build a new memory version from the `split` embeddings, leaving out the ids in `exclude` (the memory
     layer passes its forget list); returns the committed manifest. Callers that keep a memory's state use
     `pipeline.memory.build.build_memory`, which also keeps deletions and adds across rebuilds; this function
@@ -331,7 +332,10 @@ def build_index(cfg, split: str = "train", exclude: Optional[np.ndarray] = None,
     timings["total_s"] = time.perf_counter() - t_start
     manifest.build.update({"recall_queries": qsource, "timings": timings, "index_bytes": int(total_bytes),
                            "bytes_per_item": total_bytes / max(n, 1)})
-    store.commit(manifest, renumber=True)
+    # `commit_guard(manifest)`: a context the caller holds across the commit (the memory layer re-checks its
+    # forget list there, under its erasure lock, for items deleted while this build ran).
+    with (commit_guard(manifest) if commit_guard is not None else contextlib.nullcontext()):
+        store.commit(manifest, renumber=True)
     if manifest.version != version:  # another writer took the number; the shard files stay where they are
         log.warning("version %d was taken by another writer: committed as %d", version, manifest.version)
     log.info("memory %s committed: %s items in %d shards, %s, nprobe %d", version_name(version), f"{n:,}",

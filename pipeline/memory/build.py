@@ -7,7 +7,9 @@ version is not in the new manifest's lineage). The item table gets a row for eve
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -44,11 +46,49 @@ def _build(cfg, split: str) -> Manifest:
     forgotten = ids[state.is_forgotten(ids)] if state[ITEMS].exists() or state["forget"].exists() else ids[:0]
     if len(forgotten):
         print(f"build: leaving out {len(forgotten):,} deleted item(s) that {emb_dir} still holds")
-    manifest = build_index(cfg, split, exclude=forgotten)
+    manifest = build_index(cfg, split, exclude=forgotten,
+                           commit_guard=lambda m: _forget_guard(state, emb_dir, ids, forgotten))
     imported = import_items(state, emb_dir, manifest.version, forgotten)
     state.record("build", f"v{manifest.version}: {manifest.count:,} items from {split} "
                           f"({len(forgotten):,} deleted left out, {imported:,} new rows in the item table)")
     return manifest
+
+
+@contextlib.contextmanager
+def _forget_guard(state: MemoryState, emb_dir: str, ids: np.ndarray, excluded: np.ndarray):
+    """Held across the build's commit: items deleted (and perhaps already erased) while the build ran are in
+    its shards; under the erasure lock, put them back on the forget list by id, so they are excluded from the
+    first query on and erased by the next compaction."""
+    from pipeline.memory import erasure
+
+    deadline = time.time() + 60
+    while not erasure.acquire(state.memory_dir):
+        if time.time() > deadline:
+            raise DataError("the memory's erasure lock is held for over a minute: is an erasure stuck?")
+        time.sleep(0.2)
+    try:
+        late = ids[state.is_forgotten(ids) & ~np.isin(ids, excluded)]
+        if len(late):
+            log.info("build: %d item(s) were deleted while it ran: keeping them deleted", len(late))
+            rows = _part_rows(emb_dir, late)
+            state.forget(rows, reason="delete")
+        yield
+    finally:
+        erasure.release(state.memory_dir)
+
+
+def _part_rows(emb_dir: str, ids: np.ndarray) -> pa.Table:
+    """(id, key, shard) of every id in `ids`: from the embedding parts where they still hold it (erasure
+    needs key and tar to find its image), empty strings where an erasure already removed it from them."""
+    found = {}
+    for batch in iter_embedding_batches(emb_dir, 1 << 16, columns=["id", "key", "shard"]):
+        keep = np.isin(batch.column("id").to_numpy(), ids)
+        if keep.any():
+            for r in batch.filter(pa.array(keep)).to_pylist():
+                found[int(r["id"])] = r
+    rows = [found.get(int(i), {"id": int(i), "key": "", "shard": ""}) for i in ids]
+    return pa.table({"id": pa.array([r["id"] for r in rows], pa.int64()), "key": [r["key"] for r in rows],
+                     "shard": [r["shard"] for r in rows]})
 
 
 def import_items(state: MemoryState, emb_dir: str, version: int, exclude: np.ndarray) -> int:

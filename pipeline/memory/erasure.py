@@ -76,7 +76,7 @@ def _lock_url(memory_dir: str) -> str:
     return storage.join(memory_dir, "erasure", "LOCK")
 
 
-def _acquire(memory_dir: str) -> bool:
+def acquire(memory_dir: str) -> bool:
     """Take the memory's erasure lock (one eraser at a time: two would race on the same table versions)."""
     url = _lock_url(memory_dir)
     for _ in range(2):
@@ -97,13 +97,17 @@ def _acquire(memory_dir: str) -> bool:
 def erase(memory_dir: str, state: MemoryState, pending: dict, cfg=None, attempts: int = 3) -> Optional[dict]:
     """Erase the ids of `pending` from every artifact, verify, and write the report; returns its summary, or
     None when another process holds the erasure lock (it, or a later compaction, erases them)."""
-    if not _acquire(memory_dir):
+    if not acquire(memory_dir):
         log.info("erasure of v%s: another process is erasing; leaving it to that one", pending["version"])
         return None
     try:
         return _erase_locked(memory_dir, state, pending, cfg, attempts)
     finally:
-        storage.remove(_lock_url(memory_dir))
+        release(memory_dir)
+
+
+def release(memory_dir: str) -> None:
+    storage.remove(_lock_url(memory_dir))
 
 
 def _erase_locked(memory_dir: str, state: MemoryState, pending: dict, cfg, attempts: int) -> dict:

@@ -6,7 +6,7 @@ often it appears as a neighbour of an item with a different label.
   as a versioned overlay that the soft_* vote methods read.
 
 The self-queries run as a Ray job mapped over the shards (plus one task for the delta): each task opens the
-memory pinned at the driver's version, reconstructs its shard's vectors, searches the whole memory with them
+memory at its newest version, reconstructs its shard's vectors, searches the whole memory with them
 and returns only the non-zero counts it saw. No process holds all vectors or all metadata: the driver holds
 the counts of items with v > 0 (gamma of every other item is 1, which is what the overlay returns for ids it
 does not list).
@@ -113,17 +113,34 @@ def _counts(ids: np.ndarray) -> tuple:
     return u, c
 
 
-def _prune_part(memory_dir: str, version: int, shard: Optional[int], kmax: int, soft_k: int, hard_k: int,
-                nprobe, batch_size: int) -> dict:
-    """One Ray task: self-query the live items of one shard (`None`: the delta); non-zero counts only."""
+def _prune_part(memory_dir: str, shard: Optional[int], kmax: int, soft_k: int, hard_k: int, nprobe,
+                batch_size: int, attempts: int = 3) -> dict:
+    """One Ray task: self-query the live items of one shard (`None`: the delta); non-zero counts only.
+
+    The task follows the memory's newest version instead of pinning the driver's, so a compaction that
+    commits and erases while it runs never leaves it reading swept files (it starts again instead)."""
+    from pipeline.errors import NotFound
+
+    for attempt in range(attempts):
+        try:
+            return _prune_part_once(memory_dir, shard, kmax, soft_k, hard_k, nprobe, batch_size)
+        except (NotFound, FileNotFoundError):
+            if attempt == attempts - 1:
+                raise
+
+
+def _prune_part_once(memory_dir: str, shard: Optional[int], kmax: int, soft_k: int, hard_k: int, nprobe,
+                     batch_size: int) -> dict:
     from pipeline.index.shard import read_index, read_meta
     from pipeline.memory.memory import VisualMemory
 
-    mem = VisualMemory(memory_dir, version=version, follow=False)
+    mem = VisualMemory(memory_dir)
     try:
         if shard is None:
             ids, xb = mem.delta.vectors()
             labels = np.array([mem.delta.meta[int(i)]["label"] for i in ids], np.int64)
+        elif shard >= mem.base.num_shards:  # a rebuild changed the shard count meanwhile
+            return {"items": 0, "soft": _counts([]), "hard": _counts([])}
         else:
             e = mem.base.manifest.shards[shard]
             ids, xb = shard_vectors(read_index(mem.base.store.url(e.path), e.sha256, mmap=False))
@@ -176,8 +193,7 @@ def prune(mem, hard: bool = True, soft: bool = True, soft_k: Optional[int] = Non
     from tqdm import tqdm
 
     with phase(f"pruning self-query (k={kmax}+1) on Ray, {len(parts)} tasks"):
-        refs = [task.remote(mem.memory_dir, mem.version, p, kmax, soft_k, hard_k, nprobe, batch_size)
-                for p in parts]
+        refs = [task.remote(mem.memory_dir, p, kmax, soft_k, hard_k, nprobe, batch_size) for p in parts]
         results = [ray.get(r) for r in tqdm(refs, desc="self-query shards", disable=len(refs) < 3)]
     n_items = sum(r["items"] for r in results)
     s_ids, s_v = _sum_counts([r["soft"] for r in results])
