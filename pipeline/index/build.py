@@ -38,7 +38,7 @@ from pipeline.index import train as tr
 from pipeline.index.keys import autofaiss_key, bytes_per_shard, key_cost, resolve_index_key
 from pipeline.index.manifest import Manifest, ManifestStore, ShardEntry, version_name
 from pipeline.index.recall import choose_nprobe, exact_knn, format_table, recall_table
-from pipeline.index.shard import read_index, save_shard, sha256_bytes, verify
+from pipeline.index.shard import mark_writing, read_index, save_shard, sha256_bytes, verify
 from pipeline.index.units import format_bytes, parse_bytes
 from pipeline.runtime import phase
 
@@ -312,6 +312,7 @@ def build_index(cfg, split: str = "train", exclude: Optional[np.ndarray] = None,
                                                          train_pos, emb_dir)
     timings["train_s"] = time.perf_counter() - t0
     with phase(f"index: populate {cfg.index.num_shards} shards") as ph:
+        marker = mark_writing(store.memory_dir, version_name(version))  # sweeps keep it until we commit
         shards = _populate_all(cfg, store, version, trained_rel, trained_sha, emb_dir, exclude)
     timings["populate_s"] = ph["seconds"]
     if sum(s.count for s in shards) != n:
@@ -336,6 +337,7 @@ def build_index(cfg, split: str = "train", exclude: Optional[np.ndarray] = None,
     # forget list there, under its erasure lock, for items deleted while this build ran).
     with (commit_guard(manifest) if commit_guard is not None else contextlib.nullcontext()):
         store.commit(manifest, renumber=True)
+    storage.remove(marker)
     if manifest.version != version:  # another writer took the number; the shard files stay where they are
         log.warning("version %d was taken by another writer: committed as %d", version, manifest.version)
     log.info("memory %s committed: %s items in %d shards, %s, nprobe %d", version_name(version), f"{n:,}",

@@ -262,3 +262,41 @@ def index_ids(index: faiss.Index) -> np.ndarray:
             finally:
                 inv.release_ids(lst, ptr)
     return np.concatenate(out).astype(np.int64) if out else np.zeros(0, np.int64)
+
+
+# ---------------------------------------------------------------- folders being written
+
+WRITING = "_writing.json"
+
+
+def mark_writing(memory_dir: str, folder: str) -> str:
+    """Mark `shards/<folder>` as being written by this process (a build or compaction that has not committed
+    yet), so that sweeps leave it alone; returns the marker's URL (remove it once committed)."""
+    import socket
+    import time as _time
+
+    url = storage.join(memory_dir, "shards", folder, WRITING)
+    storage.atomic_write_json(url, {"pid": os.getpid(), "host": socket.gethostname(), "at": _time.time()})
+    return url
+
+
+def being_written(memory_dir: str, folder: str, stale_s: float = 3600.0) -> bool:
+    """Whether a live writer may still commit `shards/<folder>`: its marker names a running process on this
+    host, or (another host) is younger than `stale_s`."""
+    import socket
+    import time as _time
+
+    url = storage.join(memory_dir, "shards", folder, WRITING)
+    try:
+        m = storage.read_json(url)
+    except (FileNotFoundError, ValueError):
+        return False
+    if m.get("host") == socket.gethostname():
+        try:
+            os.kill(int(m["pid"]), 0)
+            return True
+        except (ProcessLookupError, ValueError, KeyError):
+            return False
+        except PermissionError:
+            return True
+    return _time.time() - float(m.get("at", 0)) < stale_s

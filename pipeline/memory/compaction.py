@@ -31,8 +31,8 @@ import pyarrow as pa
 
 from pipeline import storage
 from pipeline.index import train as itrain
-from pipeline.index.manifest import CommitConflict, ShardEntry
-from pipeline.index.shard import META_COLUMNS, read_index, read_meta, save_shard
+from pipeline.index.manifest import CommitConflict, ShardEntry, version_name
+from pipeline.index.shard import META_COLUMNS, mark_writing, read_index, read_meta, save_shard
 from pipeline.memory import erasure
 from pipeline.memory.state import ITEMS, id_filter, retry
 from pipeline.runtime import phase
@@ -77,6 +77,7 @@ def compact(mem, force: bool = False, grace_s: Optional[float] = None) -> Option
     t0 = time.perf_counter()
     new_version = m.version + 1
     tag = uuid.uuid4().hex[:8]
+    marker = mark_writing(mem.memory_dir, f"{version_name(new_version)}-{tag}")  # sweeps keep it meanwhile
     route = itrain.shard_of(d_ids, m.num_shards) if len(d_ids) else np.zeros(0, np.int64)
     _hang_point(mem.memory_dir, "start")
     entries: List[ShardEntry] = []
@@ -117,8 +118,10 @@ def compact(mem, force: bool = False, grace_s: Optional[float] = None) -> Option
                 if e_new not in m.shards:
                     storage.remove(store.url(e_new.path))
                     storage.remove(store.url(e_new.meta_path))
+            storage.remove(marker)
             log.info("compaction stepped aside: %s", e)
             return None
+        storage.remove(marker)
         _hang_point(mem.memory_dir, "after_commit")
         mark_folded(mem.state, d_ids, new_version)
         for f in id_filter(dead.tolist()):

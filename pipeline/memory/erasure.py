@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 
 from pipeline import storage
 from pipeline.index.manifest import ManifestStore, version_name
+from pipeline.index.shard import being_written
 from pipeline.memory.base import blob_url
 from pipeline.memory.state import FORGET, GAMMA, ITEMS, OVERLAYS, SCHEMAS, MemoryState, id_filter, retry
 
@@ -266,6 +267,8 @@ def sweep_superseded(memory_dir: str, erased_version: Optional[int] = None) -> L
             continue
         # Orphans (no manifest names them: a compaction that lost its race or was killed) of committed
         # version numbers can go at once; a folder of version current+1 may belong to a running compaction.
+        if being_written(memory_dir, sub):
+            continue  # a build or compaction that has not committed yet (or a killed one on another host)
         if sub not in keep and (v < upto or (v <= current and sub not in referenced)):
             url = storage.join(store.url("shards"), sub)
             removed += [storage.join(url, n) for n in storage.listdir(url)]
