@@ -112,6 +112,10 @@ class ServeConfig:
     protect_reads: bool = False
     max_request_bytes: int = 10_000_000
     max_k: int = 1000
+    max_batch: int = 256  # queries (or items) per batch request: /v1/classify/batch, /v1/items/batch...
+    # HTTP ingress replicas; each opens the memory and follows its committed state (with `autoscaling`,
+    # the initial count, scaled between 1 and max_replicas by ongoing requests).
+    ingress_replicas: int = 1
     shard_replicas: int = 1
     autoscaling: bool = False
     max_replicas: int = 4
