@@ -33,9 +33,12 @@ def vectors(ctx: ServeContext, rows: List[List[float]]) -> np.ndarray:
     for r in rows:
         if dim is not None and len(r) != dim:
             raise ApiError(422, f"embedding has dimension {len(r)}, the memory expects {dim}")
-    xq = np.asarray(rows, dtype=np.float32)
+    with np.errstate(over="ignore"):
+        xq = np.asarray(rows, dtype=np.float32)
     if xq.ndim != 2:
         raise ApiError(422, "embeddings must all have the same dimension")
+    if not np.isfinite(xq).all():
+        raise ApiError(422, "embedding values must be finite 32-bit floats (|x| < 3.4e38)")
     return xq
 
 
