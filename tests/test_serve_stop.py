@@ -60,9 +60,13 @@ def test_vmem_serve_stops_cleanly(sig, tmp_path):
     from pipeline.memory.synthetic import build_synthetic_memory, make_clusters
 
     port = free_port()
-    overrides = [f"workdir={tmp_path}/work", f"serve.port={port}", "ray.num_cpus=2"]
+    # Shard deployments forced on: a query below also checks `vmem serve`'s own settings reach the ingress's
+    # calls to the shard handles.
+    overrides = [f"workdir={tmp_path}/work", f"serve.port={port}", "ray.num_cpus=2",
+                 "serve.local_search_max_items=-1"]
     cfg = load_config(None, overrides)
-    build_synthetic_memory(cfg.memory_dir, make_clusters(200, dim=8), num_shards=2, index_key="IVF4,Flat")
+    data = make_clusters(200, dim=8)
+    build_synthetic_memory(cfg.memory_dir, data, num_shards=2, index_key="IVF4,Flat")
     env = {**os.environ, "PYTHONPATH": ROOT}
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", *overrides], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -77,6 +81,9 @@ def test_vmem_serve_stops_cleanly(sig, tmp_path):
                 pass
             assert time.time() < deadline, "vmem serve did not answer within 240 s"
             time.sleep(1)
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/classify", json={"embedding": data.xb[0].tolist(), "k": 3},
+                       timeout=60)
+        assert r.status_code == 200 and r.json()["neighbors"][0]["id"] == int(data.ids[0]), r.text
         session = session_of(proc.pid)
         family = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
         assert ray_processes(session), "expected Ray processes while serving"

@@ -18,9 +18,11 @@ from pipeline.config import Config, env_token
 log = logging.getLogger("vmem.serve")
 APP_NAME = "vmem"
 SHUTDOWN_GRACE_S = 5.0
-# Serve's own throughput mode (user code and router on the replica's main loop, gRPC between proxy and
-# replicas, buffered request logs) minus direct ingress, which would move HTTP off serve.port.
-THROUGHPUT_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
+# Serve's own throughput mode (user code on the replica's main loop, gRPC between proxy and replicas,
+# buffered request logs) minus direct ingress, which would move HTTP off serve.port, and minus running
+# handles' routers on the caller's loop: the ingress calls shard handles from worker threads.
+THROUGHPUT_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0",
+                  "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1"}
 
 
 def start(cfg: Config, blocking: bool = False):
