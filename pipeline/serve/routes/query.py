@@ -47,19 +47,32 @@ async def images(ctx: ServeContext, uploads: List[UploadFile]) -> list:
     return [parse_image(await u.read()) for u in uploads]
 
 
-def vote_form(k: Optional[int] = Form(None, description="neighbours (default memory.k)"),
+def _form(model, **fields):
+    try:
+        return model.model_validate(fields)
+    except ValidationError as e:
+        raise ApiError(422, validation_message(e.errors()))
+
+
+K_FORM = Form(None, description="neighbours (default memory.k)")
+NPROBE_FORM = Form(None, description="IVF lists probed")
+
+
+def query_form(k: Optional[int] = K_FORM, nprobe: Optional[int] = NPROBE_FORM) -> m.QueryOptions:
+    """The search options of a multipart request, checked by the same model as the JSON bodies."""
+    return _form(m.QueryOptions, k=k, nprobe=nprobe)
+
+
+def vote_form(k: Optional[int] = K_FORM, nprobe: Optional[int] = NPROBE_FORM,
               method: Optional[str] = Form(None, description="vote method (default memory.method)"),
-              params: Optional[str] = Form(None, description='vote parameters as JSON, e.g. {"tau": 0.07}'),
-              nprobe: Optional[int] = Form(None, description="IVF lists probed")) -> m.VoteOptions:
+              params: Optional[str] = Form(None, description='vote parameters as JSON, e.g. {"tau": 0.07}')
+              ) -> m.VoteOptions:
     """The vote options of a multipart request, checked by the same model as the JSON bodies."""
     try:
         p = json.loads(params) if params else {}
     except ValueError:
         raise ApiError(422, 'params must be a JSON object, e.g. {"tau": 0.07}')
-    try:
-        return m.VoteOptions.model_validate({"k": k, "method": method, "params": p, "nprobe": nprobe})
-    except ValidationError as e:
-        raise ApiError(422, validation_message(e.errors()))
+    return _form(m.VoteOptions, k=k, nprobe=nprobe, method=method, params=p)
 
 
 def _k(ctx: ServeContext, k: Optional[int]) -> int:
@@ -159,14 +172,14 @@ async def search_batch(body: m.SearchBatchRequest, ctx: ServeContext = Depends(n
 
 
 @router.post("/v1/search/image", response_model=m.SearchResponse, summary="search with one uploaded image")
-async def search_image(image: UploadFile = File(), opts: m.VoteOptions = Depends(vote_form),
+async def search_image(image: UploadFile = File(), opts: m.QueryOptions = Depends(query_form),
                        ctx: ServeContext = Depends(need_read)):
     k, rows = await search(ctx, {"images": await images(ctx, [image])}, opts)
     return {"k": k, "neighbors": rows[0]}
 
 
 @router.post("/v1/search/images", response_model=m.SearchBatchResponse, summary="search with many images")
-async def search_images(images_: List[UploadFile] = File(alias="images"), opts: m.VoteOptions = Depends(vote_form),
+async def search_images(images_: List[UploadFile] = File(alias="images"), opts: m.QueryOptions = Depends(query_form),
                         ctx: ServeContext = Depends(need_read)):
     k, rows = await search(ctx, {"images": await images(ctx, images_)}, opts)
     return {"k": k, "results": rows}
