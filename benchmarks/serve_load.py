@@ -167,13 +167,10 @@ def edits_during(base: str, data, seconds: float, overrides: list, dim: int, tmp
         report.update(compact=r.status_code, compact_s=round(time.perf_counter() - t0, 1),
                       compact_body=r.text[:200] if r.status_code != 200 else "")
         report["writer_rc"] = await asyncio.to_thread(proc.wait)
-        acked += [int(line) for line in open(out).read().split()] if os.path.exists(out) else []
-        missing = []
-        for i in acked:
-            r = await h.get(f"/v1/items/{i}", timeout=60)
-            if r.status_code != 200:
-                missing.append(i)
-        report.update(acked=len(acked), missing=len(missing))
+        second = [int(line) for line in open(out).read().split()] if os.path.exists(out) else []
+        for name, ids in (("http", acked), ("writer2", second)):
+            missing = [i for i in ids if (await h.get(f"/v1/items/{i}", timeout=60)).status_code != 200]
+            report.update({f"{name}_acked": len(ids), f"{name}_missing": len(missing)})
         return report
     return during
 
@@ -267,7 +264,8 @@ def main() -> int:
         print(f"{max(clients):>8}{'with edits':>12}{edits['requests']:>10}{edits['qps']:>9.1f}{edits['p50_ms']:>9.1f}"
               f"{edits['p99_ms']:>9.1f}{edits['errors']:>8}")
         print(f"edits mid-load: {e}")
-        bad += edits["errors"] + e.get("missing", 0) + len(e.get("add_errors", [])) + (e.get("compact") != 200) \
+        bad += edits["errors"] + e["http_missing"] + e["writer2_missing"] + len(e.get("add_errors", [])) \
+            + (e.get("compact") != 200) \
             + (e.get("writer_rc") != 0)
         examples = edits["error_examples"]
     else:
