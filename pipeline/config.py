@@ -179,7 +179,8 @@ CHOICES = {
     "index.metric": ("ip", "l2"),
 }
 POSITIVE = ("data.samples_per_shard", "embed.batch_size", "embed.num_actors", "index.num_shards",
-            "memory.k", "embed.rows_per_part", "embed.preprocess_batch_size")
+            "memory.k", "embed.rows_per_part", "embed.preprocess_batch_size", "serve.max_k", "serve.max_batch",
+            "serve.ingress_replicas", "serve.shard_replicas", "serve.max_request_bytes")
 
 
 def _fields(node_type: type) -> List[str]:
