@@ -20,7 +20,7 @@ Id = Field(ge=0, le=INT64_MAX, description="item id (stable_id of its key)")
 def _finite_vector(v: List[float], what: str = "embedding") -> List[float]:
     if not v:
         raise ValueError(f"{what} must be a non-empty JSON list of numbers")
-    if not all(math.isfinite(x) for x in v):
+    if not math.isfinite(sum(v)) and not all(math.isfinite(x) for x in v):  # one C loop when all is well
         raise ValueError(f"{what} contains NaN or infinite values")
     return v
 

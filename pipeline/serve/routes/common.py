@@ -94,11 +94,10 @@ def image_url(item_id: int) -> str:
 
 
 def prediction_json(p: Any, k: int) -> dict:
-    d = to_jsonable(p)
-    for n in d["neighbors"]:
-        n["image_url"] = image_url(n["id"])
-    d["k"] = k
-    return d
+    """A `Prediction` as the API's dict (non-finite floats become null when the response model serialises)."""
+    return {"label": int(p.label), "label_name": str(p.label_name), "method": p.method, "k": k,
+            "scores": {str(c): float(v) for c, v in p.scores.items()},
+            "neighbors": [{**vars(n), "image_url": image_url(n.id)} for n in p.neighbors]}
 
 
 def hits(res: Any, row: int) -> List[dict]:
@@ -109,10 +108,9 @@ def hits(res: Any, row: int) -> List[dict]:
         if i < 0:
             continue
         sim = float(res.D[row, j])
-        ok = bool(np.isfinite(sim))
         out.append({"id": i, "label": int(res.labels[row, j]), "label_name": str(res.label_names[row, j]),
-                    "similarity": sim if ok else None, "distance": 1.0 - sim if ok else None,
-                    "key": str(res.keys[row, j]), "source": str(res.sources[row, j]), "image_url": image_url(i)})
+                    "similarity": sim, "distance": 1.0 - sim, "key": str(res.keys[row, j]),
+                    "source": str(res.sources[row, j]), "image_url": image_url(i)})
     return out
 
 

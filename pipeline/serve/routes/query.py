@@ -14,7 +14,8 @@ from starlette.responses import Response
 
 from pipeline.serve import models as m
 from pipeline.serve.limits import ApiError, parse_image
-from pipeline.serve.routes.common import ServeContext, hits, need_read, prediction_json, validation_message
+from pipeline.serve.routes.common import (ServeContext, hits, need_read, prediction_json, to_jsonable,
+                                          validation_message)
 
 router = APIRouter(tags=["query"], responses=m.ERRORS)
 
@@ -111,7 +112,7 @@ async def explain(ctx: ServeContext, query: dict, opts: m.VoteOptions, fmt: str)
     args.pop("nprobe")
     if fmt == "json":
         pred = await ctx.read(lambda: ctx.memory.explain(**query, **args))
-        return prediction_json(pred, args["k"])
+        return to_jsonable(prediction_json(pred, args["k"]))  # no response model here: NaN/inf -> null
 
     def picture() -> bytes:
         fd, path = tempfile.mkstemp(suffix=".png")
