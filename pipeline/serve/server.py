@@ -63,11 +63,11 @@ def shutdown(cfg: Config, grace_s: float = SHUTDOWN_GRACE_S) -> None:
     import ray
     from ray import serve
 
-    def stop_serve():
+    def stop_serve():  # drains the app's replicas; Serve's controller and proxy go down with Ray below
         try:
-            serve.shutdown() if cfg.ray.address == "local" else serve.delete(APP_NAME)
+            serve.delete(APP_NAME)
         except Exception as e:  # already gone, or Ray is stopping under us: nothing left to stop here
-            log.debug("serve shutdown: %s", e)
+            log.debug("serve delete: %s", e)
 
     t = threading.Thread(target=stop_serve, daemon=True)
     t.start()
