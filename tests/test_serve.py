@@ -462,3 +462,19 @@ def test_shard_deployments_exact_and_deletes_seen_by_every_replica(served_shards
     for _ in range(20):  # spread over both ingress replicas: none may still return the deleted item
         ids = [n["id"] for n in client.post("/v1/search", json={"embedding": q.tolist(), "k": 5}).json()["neighbors"]]
         assert first not in ids and len(ids) == 5
+
+
+def test_concurrent_queries_batched_by_the_shards_get_their_own_answers(served_shards):
+    from concurrent.futures import ThreadPoolExecutor
+
+    client, data = served_shards
+    rows = list(range(100, 124))
+
+    def top1(j):
+        r = client.post("/v1/search", json={"embedding": data.xb[j].tolist(), "k": 1})
+        assert r.status_code == 200, r.text
+        return r.json()["neighbors"][0]["id"]
+
+    with ThreadPoolExecutor(12) as pool:  # concurrent requests land in the same @serve.batch calls
+        got = list(pool.map(top1, rows))
+    assert got == [int(data.ids[j]) for j in rows]
