@@ -23,6 +23,7 @@ def test_override_changes_value_and_type():
     ("data.source=webcam", ["data.source", "fashion_mnist", "image_folder"]),
     ("embed.batch_size=abc", ["embed.batch_size"]),
     ("index.num_shards=0", ["index.num_shards", "> 0"]),
+    ("serve.ingress_replicas=0", ["serve.ingress_replicas", "> 0"]),
     ("index.target_recall=1.5", ["index.target_recall"]),
     ("novalue", ["key=value"]),
 ])

@@ -1,7 +1,9 @@
-"""The HTTP API over a real Ray Serve app (shard + router + ingress deployments) on 127.0.0.1.
+"""The HTTP API over real Ray Serve apps on 127.0.0.1.
 
-The memory: 300 Fashion-MNIST train images in WebDataset shards, embedded with pretrained efficientnet_lite0 at
-64 px, in 2 IVF shards. Queries are real test-split images (multipart) or stored embeddings (JSON).
+`served`: 300 Fashion-MNIST train images in WebDataset shards, embedded with pretrained efficientnet_lite0 at
+64 px, in 2 IVF shards, searched inside the ingress (small memory). Queries are real test-split images
+(multipart) or stored embeddings (JSON).
+`served_shards`: a synthetic memory searched by one deployment per shard behind 2 ingress replicas.
 """
 from __future__ import annotations
 
@@ -118,8 +120,14 @@ def test_health_stats_docs_page_metrics(served):
     assert s["items"] == N_TRAIN and s["shards"] == 2 and s["tombstones"] == 0 and s["version"] == 1
     paths = client.get("/openapi.json").json()["paths"]
     for p in ("/v1/classify", "/v1/search", "/v1/items", "/v1/items/{item_id}", "/v1/items/{item_id}/image",
-              "/v1/delete", "/v1/compact", "/v1/stats", "/healthz"):
+              "/v1/delete", "/v1/compact", "/v1/stats", "/healthz", "/v1/classify/batch", "/v1/search/batch",
+              "/v1/classify/image", "/v1/classify/images", "/v1/explain", "/v1/explain/image", "/v1/prune",
+              "/v1/interventions", "/v1/relabel", "/v1/versions", "/v1/rollback", "/v1/items/batch"):
         assert p in paths
+    bodyless = {"/v1/compact"}
+    for p, ops in paths.items():  # every POST documents its body (JSON model or multipart form)
+        if "post" in ops and p not in bodyless:
+            assert "requestBody" in ops["post"], p
     assert client.get("/docs").status_code == 200
     page = client.get("/")
     assert page.status_code == 200 and "visual-memory" in page.text and "explorer.js" in page.text
@@ -284,7 +292,10 @@ def test_relabel_overrides_the_vote_at_once(served):
     assert r.status_code == 200, r.text
     after = classify_emb(client, q, k=1)
     assert after["label"] == new_label and after["label_name"] == "relabelled"
-    assert after["neighbors"][0]["original_label"] == first["label"]
+    from pipeline.memory import VisualMemory
+
+    if not hasattr(VisualMemory, "relabel"):  # relabelled through the intervention overlay until issue 9
+        assert after["neighbors"][0]["original_label"] == first["label"]
     assert client.post(f"/v1/items/{target}/relabel", json={"label": 1}).status_code == 401
 
 
@@ -329,3 +340,139 @@ def test_compaction_keeps_queries_working(served):
     assert after["items"] == before["items"] - before["tombstones"]
     p = classify_emb(client, data["xb"][j], k=5)
     assert p["neighbors"][0]["id"] == int(data["ids"][j])
+
+
+def test_batch_classify_and_search_match_single_queries(served):
+    client, cfg, data = served
+    xs = data["xb"][40:44]
+    r = client.post("/v1/classify/batch", json={"embeddings": xs.tolist(), "k": 5, "method": "rank"})
+    assert r.status_code == 200, r.text
+    batch = r.json()["predictions"]
+    assert len(batch) == 4
+    for x, p in zip(xs, batch):
+        one = classify_emb(client, x, k=5, method="rank")
+        assert [n["id"] for n in p["neighbors"]] == [n["id"] for n in one["neighbors"]] and p["label"] == one["label"]
+    r = client.post("/v1/search/batch", json={"embeddings": xs.tolist(), "k": 3})
+    assert r.status_code == 200 and [row[0]["id"] for row in r.json()["results"]] == [
+        p["neighbors"][0]["id"] for p in batch]
+    files = [("images", (f"q{i}.png", png(im), "image/png")) for i, im in enumerate(data["test_images"][:3])]
+    r = client.post("/v1/classify/images", files=files, data={"k": "4"})
+    assert r.status_code == 200, r.text
+    assert [len(p["neighbors"]) for p in r.json()["predictions"]] == [4, 4, 4]
+    one = client.post("/v1/classify/image", files={"image": files[1][1]}, data={"k": "4"}).json()
+    assert one["label"] == r.json()["predictions"][1]["label"]
+    too_many = {"embeddings": [xs[0].tolist()] * (cfg.serve.max_batch + 1)}
+    r = client.post("/v1/search/batch", json=too_many)
+    assert r.status_code in (413, 422) and "error" in r.json()
+
+
+def test_explain_json_and_png(served):
+    client, cfg, data = served
+    body = {"embedding": data["xb"][50].tolist(), "k": 6, "method": "softmax", "params": {"tau": 0.1}}
+    r = client.post("/v1/explain", json=body)
+    assert r.status_code == 200, r.text
+    e = r.json()
+    assert len(e["neighbors"]) == 6 and all("weight" in n and "image_url" in n for n in e["neighbors"])
+    w = [n["weight"] for n in e["neighbors"]]
+    assert w == sorted(w, reverse=True)  # softmax weights fall with distance
+    r = client.post("/v1/explain?format=png", json=body)
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    from PIL import Image
+
+    assert Image.open(io.BytesIO(r.content)).size[0] > 300
+    r = client.post("/v1/explain/image?format=png", files={"image": ("q.png", png(data["test_images"][0]),
+                                                                     "image/png")})
+    assert r.status_code == 200 and r.content[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_interventions_silence_an_item(served):
+    client, cfg, data = served
+    q = data["xb"][60]
+    first = classify_emb(client, q, k=1)
+    target = first["neighbors"][0]["id"]
+    r = client.post("/v1/interventions", json={"item_weights": {str(target): 0.0}}, headers=AUTH)
+    assert r.status_code == 200 and r.json()["interventions_version"] >= 1
+    after = classify_emb(client, q, k=1)
+    assert after["neighbors"][0]["weight"] == 0.0 and after["neighbors"][0]["multiplier"] == 0.0
+    r = client.post("/v1/interventions", json={"item_weights": {str(target): 1.0}}, headers=AUTH)
+    assert r.status_code == 200
+    assert client.post("/v1/interventions", json={"clear": True}).status_code == 401
+
+
+def test_prune_over_http(served):
+    client, cfg, data = served
+    r = client.post("/v1/prune", json={"hard": False, "soft": True, "soft_k": 5}, headers=AUTH, timeout=600)
+    assert r.status_code == 200, r.text
+    p = classify_emb(client, data["xb"][70], k=5, method="soft_plurality")
+    assert all(0 < n["gamma"] <= 1.75 for n in p["neighbors"])
+
+
+def test_versions_and_rollback(served):
+    client, cfg, data = served
+    before = client.get("/v1/versions").json()["versions"]
+    r = client.post("/v1/items", json={"embedding": (data["xb"][80] * 0.99).tolist(), "label": 5,
+                                       "key": "rollback-probe"}, headers=AUTH)
+    assert r.status_code == 201, r.text
+    added = r.json()["id"]
+    rows = client.get("/v1/versions").json()["versions"]
+    assert len(rows) > len(before) and rows[-1]["op"] == "add"
+    r = client.post("/v1/rollback", json={"version": before[-1]["version"]}, headers=AUTH)
+    assert r.status_code == 200, r.text
+    assert client.get(f"/v1/items/{added}").status_code == 404
+
+
+@pytest.fixture(scope="module")
+def served_shards(served, tmp_path_factory):
+    """(client, data): a synthetic memory behind shard deployments and 2 ingress replicas, as a second app
+    on the same Serve instance (route prefix /shards)."""
+    import httpx
+    from ray import serve
+
+    from pipeline.config import load_config
+    from pipeline.memory.synthetic import build_synthetic_memory, make_clusters
+    from pipeline.serve import build_app
+
+    client, cfg, _ = served
+    work = tmp_path_factory.mktemp("shards") / "work"
+    cfg2 = load_config(None, [f"workdir={work}", f"serve.token={TOKEN}", "serve.local_search_max_items=-1",
+                              "serve.ingress_replicas=2", "memory.compact_threshold=0.99"])
+    data = make_clusters(400, dim=16, seed=5)
+    build_synthetic_memory(cfg2.memory_dir, data, num_shards=2, index_key="IVF4,Flat", nprobe=4)
+    serve.run(build_app(cfg2), name="vmem-shards", route_prefix="/shards")
+    with httpx.Client(base_url=str(client.base_url) + "/shards", timeout=120) as c:
+        yield c, data
+    serve.delete("vmem-shards")
+
+
+def test_shard_deployments_exact_and_deletes_seen_by_every_replica(served_shards):
+    from ray import serve
+
+    client, data = served_shards
+    deps = serve.status().applications["vmem-shards"].deployments
+    assert {"ingress", "shard-000", "shard-001"} <= set(deps) and "router" not in deps
+    q = data.xb[7]
+    r = client.post("/v1/search", json={"embedding": q.tolist(), "k": 5})
+    assert r.status_code == 200, r.text
+    sims = data.xb @ q  # nprobe = nlist: the merged shard answers are the exact top-k
+    assert [n["id"] for n in r.json()["neighbors"]] == [int(data.ids[j]) for j in np.argsort(-sims)[:5]]
+    first = r.json()["neighbors"][0]["id"]
+    assert client.delete(f"/v1/items/{first}", headers=AUTH).json() == {"deleted": 1}
+    for _ in range(20):  # spread over both ingress replicas: none may still return the deleted item
+        ids = [n["id"] for n in client.post("/v1/search", json={"embedding": q.tolist(), "k": 5}).json()["neighbors"]]
+        assert first not in ids and len(ids) == 5
+
+
+def test_concurrent_queries_batched_by_the_shards_get_their_own_answers(served_shards):
+    from concurrent.futures import ThreadPoolExecutor
+
+    client, data = served_shards
+    rows = list(range(100, 124))
+
+    def top1(j):
+        r = client.post("/v1/search", json={"embedding": data.xb[j].tolist(), "k": 1})
+        assert r.status_code == 200, r.text
+        return r.json()["neighbors"][0]["id"]
+
+    with ThreadPoolExecutor(12) as pool:  # concurrent requests land in the same @serve.batch calls
+        got = list(pool.map(top1, rows))
+    assert got == [int(data.ids[j]) for j in rows]

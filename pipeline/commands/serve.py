@@ -7,8 +7,9 @@ from pipeline.cli import command
 from pipeline.config import Config
 
 
-@command("serve", help="serve the memory over HTTP (Ray Serve: shard + router deployments, JSON API, web "
-                       "explorer at /, OpenAPI at /docs); mutations need VMEM_TOKEN",
+@command("serve", help="serve the memory over HTTP (Ray Serve: ingress replicas, shard deployments for large "
+                       "memories, JSON API, web explorer at /, OpenAPI at /docs); mutations need VMEM_TOKEN; "
+                       "stops on Ctrl-C or SIGTERM",
          example="VMEM_TOKEN=change-me vmem serve --config configs/demo.yaml serve.port=8000")
 def serve_cmd(cfg: Config, args: argparse.Namespace) -> int:
     from pipeline.serve.server import start

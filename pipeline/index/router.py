@@ -89,7 +89,8 @@ class Router:
 
     def __init__(self, memory_dir: str, version: Optional[int] = None, nprobe: Optional[int] = None,
                  use_ray: bool = True, omp_threads: Optional[int] = None, gpu: bool = False,
-                 manifest: Optional[Manifest] = None, actor_options: Optional[Dict[str, Any]] = None):
+                 manifest: Optional[Manifest] = None, actor_options: Optional[Dict[str, Any]] = None,
+                 mmap: bool = True):
         self.memory_dir = memory_dir
         self.store = ManifestStore(memory_dir)
         self.manifest = manifest or self.store.load(version)
@@ -98,7 +99,9 @@ class Router:
         self.keep_max = self.manifest.metric == "ip"
         self.use_ray = use_ray
         n = max(1, self.manifest.num_shards)
-        self._kwargs = dict(metric=self.manifest.metric, nprobe=self.nprobe, gpu=gpu,
+        # mmap=False reads the shards into RAM: faiss searches memory-mapped IVF lists far slower (measured
+        # 1 ms against 12 us for one query on IVF64,Flat), which matters to servers, not to batch jobs.
+        self._kwargs = dict(metric=self.manifest.metric, nprobe=self.nprobe, gpu=gpu, mmap=mmap,
                             omp_threads=omp_threads or max(1, (os.cpu_count() or 1) // n))
         # num_cpus=0: searchers are long-lived and mostly idle; they must never block Ray tasks from running.
         self._actor_options = {"num_cpus": 0, **(actor_options or {})}

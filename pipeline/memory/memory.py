@@ -157,8 +157,9 @@ class VisualMemory:
             tag = self._seen[FORGET]
         nb = base.search(xq, k, nprobe=nprobe, exclude=exclude, exclude_tag=tag)
         if len(delta):
-            Dd, Id = delta.search(xq, k, exclude=exclude)
-            md = delta.rows(Id.reshape(-1))
+            with self._lock:  # a concurrent refresh may be adding to this delta index
+                Dd, Id = delta.search(xq, k, exclude=exclude)
+                md = delta.rows(Id.reshape(-1))
 
             def col(name, fill, dtype):
                 return np.array([m.get(name, fill) for m in md], dtype=dtype).reshape(Id.shape)

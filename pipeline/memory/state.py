@@ -60,6 +60,7 @@ EDIT_SCHEMA = pa.schema([("at", pa.int64()), ("op", pa.string()), ("detail", pa.
 SCHEMAS = {ITEMS: ITEM_SCHEMA, FORGET: FORGET_SCHEMA, OVERLAYS: OVERLAY_SCHEMA, GAMMA: GAMMA_SCHEMA,
            EDITS: EDIT_SCHEMA}
 _IN_CHUNK = 2000  # ids per `id IN (...)` filter
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 
 def now_ns() -> int:
@@ -100,7 +101,7 @@ def retry(fn: Callable, *args, attempts: int = 20, **kwargs):
 
 def id_filter(ids: Sequence[int]) -> List[str]:
     """`id IN (...)` predicates covering `ids`, in chunks short enough for Lance's SQL parser."""
-    ids = [int(i) for i in ids]
+    ids = [int(i) for i in ids if _INT64_MIN <= int(i) <= _INT64_MAX]  # others cannot be ids: match nothing
     return [f"id IN ({','.join(map(str, ids[i:i + _IN_CHUNK]))})" for i in range(0, len(ids), _IN_CHUNK)]
 
 
@@ -111,11 +112,20 @@ class Table:
     schema: pa.Schema
 
     def __post_init__(self):
-        self._handle = None  # an open dataset: `latest_version` on it is one cheap listing
-        self._lock = threading.Lock()  # `checkout_latest` mutates the handle; Serve calls us from threads
+        # One open dataset per thread: `latest_version` on it is one cheap listing, and a Lance handle is not
+        # safe to use from two threads at once (Serve's ingress calls us from a thread pool).
+        self._local = threading.local()
+        self._created = False
+
+    @property
+    def _handle(self):
+        return getattr(self._local, "handle", None)
 
     def exists(self) -> bool:
-        return self._handle is not None or storage.exists(storage.join(self.url, "_versions"))
+        if self._created or self._handle is not None:
+            return True
+        self._created = storage.exists(storage.join(self.url, "_versions"))
+        return self._created
 
     def dataset(self):
         """The latest committed version (None when nothing was ever written)."""
@@ -124,14 +134,13 @@ class Table:
     def _dataset(self):
         import lance
 
-        with self._lock:
-            if self._handle is None:
-                if not self.exists():
-                    return None
-                self._handle = lance.dataset(self.url, storage_options=lance_options(self.url))
-            else:
-                self._handle.checkout_latest()
-            return self._handle
+        if self._handle is None:
+            if not self.exists():
+                return None
+            self._local.handle = lance.dataset(self.url, storage_options=lance_options(self.url))
+        else:
+            self._handle.checkout_latest()
+        return self._handle
 
     def version(self) -> int:
         """The latest committed version (0: never written); sees other processes' commits."""
@@ -244,10 +253,8 @@ class MemoryState:
     def items(self, ids: Sequence[int], columns: Optional[List[str]] = None) -> pa.Table:
         """Rows of `ids` (forgotten ones included: callers decide), in no particular order."""
         cols = columns or [c for c in ITEM_SCHEMA.names if c != "vector"]
-        if not len(ids):
-            return ITEM_SCHEMA.empty_table().select(cols)
         parts = [self[ITEMS].read(cols, f) for f in id_filter(ids)]
-        return pa.concat_tables(parts)
+        return pa.concat_tables(parts) if parts else ITEM_SCHEMA.empty_table().select(cols)
 
     def add_items(self, table: pa.Table) -> int:
         return self[ITEMS].append(table)

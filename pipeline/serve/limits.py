@@ -1,16 +1,14 @@
-"""Input limits and validation for the HTTP API: every request value is checked here before it reaches the
-memory, and nothing a client sends is ever used as a file-system path (ids are ints, keys are generated or
-matched against a strict pattern).
+"""Input limits and validation for the HTTP API beyond the pydantic models (`models.py`): body size, images,
+keys and label names. Nothing a client sends is ever used as a file-system path (ids are ints, keys are
+generated or matched against a strict pattern).
 """
 from __future__ import annotations
 
 import io
-import math
 import re
 import uuid
-from typing import Any, List, Optional
+from typing import Any, Optional
 
-import numpy as np
 
 # Keys and sources become metadata strings (never paths), but a strict alphabet keeps them safe to show and
 # to log, and keeps `..`/slashes out of anything a later layer might join onto a URL.
@@ -87,40 +85,6 @@ async def _send_json(send, status: int, message: str) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-def parse_k(value: Any, max_k: int, default: int) -> int:
-    """k as an int in 1..max_k (422 otherwise)."""
-    k = parse_int(default if value is None or value == "" else value, "k")
-    if not 1 <= k <= max_k:
-        raise ApiError(422, f"k must be between 1 and {max_k} (serve.max_k), got {k}")
-    return k
-
-
-def parse_int(value: Any, name: str) -> int:
-    try:
-        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-            raise ValueError
-        return int(value)
-    except (TypeError, ValueError):
-        raise ApiError(422, f"{name} must be an integer, got {value!r}")
-
-
-def parse_embedding(value: Any, dim: Optional[int]) -> np.ndarray:
-    """A (1, dim) float32 array from a JSON list of numbers; 422 on wrong shape, type, NaN or infinity."""
-    if not isinstance(value, list) or not value:
-        raise ApiError(422, "embedding must be a non-empty JSON list of numbers")
-    if isinstance(value[0], list):  # accept [[...]] for a single vector too
-        if len(value) != 1:
-            raise ApiError(422, "send one embedding per request (a flat list of numbers)")
-        value = value[0]
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-        raise ApiError(422, "embedding must contain only numbers")
-    if dim is not None and len(value) != dim:
-        raise ApiError(422, f"embedding has dimension {len(value)}, the memory expects {dim}")
-    if not all(math.isfinite(v) for v in value):
-        raise ApiError(422, "embedding contains NaN or infinite values")
-    return np.asarray(value, dtype=np.float32).reshape(1, -1)
-
-
 def parse_image(data: bytes):
     """A decoded RGB PIL image from uploaded bytes; 422 when the bytes are not an image Pillow can read."""
     from PIL import Image, UnidentifiedImageError
@@ -161,30 +125,3 @@ def parse_label_name(value: Any) -> Optional[str]:
 def new_key(prefix: str = "api") -> str:
     """A fresh key for an item added through the API (the id is derived from it by the memory layer)."""
     return f"{prefix}-{uuid.uuid4().hex}"
-
-
-def parse_params(value: Any) -> dict:
-    """Vote-method parameters (xi, tau, alpha...): a JSON object of numbers."""
-    import json
-
-    if value is None or value == "":
-        return {}
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except ValueError:
-            raise ApiError(422, "params must be a JSON object, e.g. {\"tau\": 0.07}")
-    if not isinstance(value, dict):
-        raise ApiError(422, "params must be a JSON object, e.g. {\"tau\": 0.07}")
-    for name, v in value.items():
-        if not isinstance(name, str) or not re.match(r"^[a-z_]{1,32}$", name):
-            raise ApiError(422, f"unknown parameter name {name!r}")
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise ApiError(422, f"parameter {name} must be a finite number")
-    return dict(value)
-
-
-def parse_ids(value: Any) -> List[int]:
-    if not isinstance(value, list):
-        raise ApiError(422, "ids must be a list of integers")
-    return [parse_int(v, "id") for v in value]

@@ -1,0 +1,133 @@
+"""What every router shares: the served memory and its settings (`ServeContext`, on `app.state.ctx`), the
+auth dependencies, the thread-pool call wrappers and the conversions of memory results to JSON."""
+from __future__ import annotations
+
+import dataclasses
+import io
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, List, Optional
+
+import numpy as np
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import Response
+
+from pipeline.config import Config
+from pipeline.serve.auth import check_bearer
+
+
+# Documents the scheme in /openapi.json; the check itself is `check_bearer`, which answers 401/403 as JSON.
+bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <token>` (VMEM_TOKEN)")
+
+
+@dataclass
+class ServeContext:
+    cfg: Config
+    memory: Any
+    token: Optional[str]
+    write_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def dim(self) -> Optional[int]:
+        dim = getattr(self.memory, "dim", None)
+        return int(dim) if isinstance(dim, (int, np.integer)) else None
+
+    async def read(self, fn: Callable, *args, **kwargs):
+        """Run a memory call in the thread pool (the event loop stays free while faiss searches)."""
+        return await run_in_threadpool(fn, *args, **kwargs)
+
+    async def write(self, fn: Callable, *args, **kwargs):
+        """Run a mutation in the thread pool, one at a time in this replica."""
+        def locked():
+            with self.write_lock:
+                return fn(*args, **kwargs)
+        return await run_in_threadpool(locked)
+
+
+def context(request: Request) -> ServeContext:
+    return request.app.state.ctx
+
+
+def need_read(request: Request, ctx: ServeContext = Depends(context),
+              _: Optional[HTTPAuthorizationCredentials] = Depends(bearer)) -> ServeContext:
+    if ctx.cfg.serve.protect_reads:
+        check_bearer(request.headers.get("authorization"), ctx.token, what="reads (serve.protect_reads is on)")
+    return ctx
+
+
+def need_write(request: Request, ctx: ServeContext = Depends(context),
+               _: Optional[HTTPAuthorizationCredentials] = Depends(bearer)) -> ServeContext:
+    check_bearer(request.headers.get("authorization"), ctx.token)
+    return ctx
+
+
+# ---- conversions ---------------------------------------------------------------------------------------
+
+def to_jsonable(obj: Any) -> Any:
+    """Dataclasses / numpy values from the memory layer as plain JSON types (non-finite floats as null)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_jsonable(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return to_jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        return to_jsonable(obj.item())
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    return obj
+
+
+def image_url(item_id: int) -> str:
+    return f"/v1/items/{int(item_id)}/image"
+
+
+def prediction_json(p: Any, k: int) -> dict:
+    """A `Prediction` as the API's dict (non-finite floats become null when the response model serialises)."""
+    return {"label": int(p.label), "label_name": str(p.label_name), "method": p.method, "k": k,
+            "scores": {str(c): float(v) for c, v in p.scores.items()},
+            "neighbors": [{**vars(n), "image_url": image_url(n.id)} for n in p.neighbors]}
+
+
+def hits(res: Any, row: int) -> List[dict]:
+    """Row `row` of a `Neighbors` result ((nq, k) arrays) as neighbour dicts, best first."""
+    out = []
+    for j in range(res.I.shape[1]):
+        i = int(res.I[row, j])
+        if i < 0:
+            continue
+        sim = float(res.D[row, j])
+        out.append({"id": i, "label": int(res.labels[row, j]), "label_name": str(res.label_names[row, j]),
+                    "similarity": sim, "distance": 1.0 - sim, "key": str(res.keys[row, j]),
+                    "source": str(res.sources[row, j]), "image_url": image_url(i)})
+    return out
+
+
+def image_response(img: Any) -> Response:
+    """PNG/JPEG bytes for an image the memory returns as bytes or a PIL image."""
+    headers = {"Cache-Control": "max-age=3600"}
+    if isinstance(img, (bytes, bytearray)):
+        data = bytes(img)
+        media = "image/png" if data[:8] == b"\x89PNG\r\n\x1a\n" else "image/jpeg" if data[:2] == b"\xff\xd8" \
+            else "application/octet-stream"
+        return Response(data, media_type=media, headers=headers)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return Response(buf.getvalue(), media_type="image/png", headers=headers)
+
+
+PNG = {200: {"content": {"image/png": {}, "image/jpeg": {}}, "description": "the image"}}
+
+
+def validation_message(errors) -> str:
+    """One line from pydantic/FastAPI validation errors: `body.k: k must be a positive integer, got 0; ...`."""
+    parts = []
+    for d in errors:
+        loc = ".".join(str(x) for x in d.get("loc", ()))
+        msg = str(d.get("msg", "")).removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(parts) or "invalid request"

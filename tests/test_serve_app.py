@@ -1,0 +1,39 @@
+"""The Serve application's shape for a config, built without starting Ray: which deployments, how many
+replicas, autoscaling, and where the search runs."""
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture
+def memory_cfg(make_config):
+    from pipeline.memory.synthetic import build_synthetic_memory, make_clusters
+
+    def make(*overrides):
+        cfg = make_config(*overrides)
+        build_synthetic_memory(cfg.memory_dir, make_clusters(100, dim=8), num_shards=3, index_key="IVF2,Flat")
+        return cfg
+
+    return make
+
+
+def test_small_memory_is_searched_in_the_ingress(memory_cfg):
+    from pipeline.serve import build_app
+
+    ingress = build_app(memory_cfg("serve.ingress_replicas=3"))._bound_deployment
+    assert ingress.name == "ingress" and ingress._deployment_config.num_replicas == 3
+    assert ingress.init_args[1] is None  # no shard deployments: no hop
+
+
+def test_large_memory_fans_out_to_one_deployment_per_shard_with_autoscaling(memory_cfg):
+    from pipeline.serve import build_app
+
+    cfg = memory_cfg("serve.local_search_max_items=50", "serve.autoscaling=true", "serve.ingress_replicas=2",
+                     "serve.max_replicas=5")
+    ingress = build_app(cfg)._bound_deployment
+    auto = ingress._deployment_config.autoscaling_config
+    assert (auto.min_replicas, auto.initial_replicas, auto.max_replicas) == (1, 2, 5)
+    shards = [a._bound_deployment for a in ingress.init_args[1]]
+    assert [s.name for s in shards] == ["shard-000", "shard-001", "shard-002"]
+    assert all(s._deployment_config.autoscaling_config.max_replicas == 5 for s in shards)
+    assert not ingress._deployment_config.logging_config["enable_access_log"]
