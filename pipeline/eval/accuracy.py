@@ -52,13 +52,20 @@ class AccuracyTable:
 def exact_neighbors(mem, xq: np.ndarray, k: int, xb: Optional[np.ndarray] = None,
                     ids: Optional[np.ndarray] = None) -> Neighbors:
     """Brute-force top-k over the memory's live items (given float vectors `xb`/`ids`, else reconstructed)."""
-    from pipeline.index.recall import exact_knn
-    from pipeline.memory.pruning import item_labels, live_vectors, memory_vectors
+    from pipeline.memory.pruning import live_vectors, memory_vectors
 
     if xb is None:
         ids, _, xb = memory_vectors(mem)
     else:
         ids, xb = live_vectors(mem, [ids], [xb])
+    return exact_neighbors_of(mem, xq, k, xb, ids)
+
+
+def exact_neighbors_of(mem, xq: np.ndarray, k: int, xb: np.ndarray, ids: np.ndarray) -> Neighbors:
+    """Brute-force top-k over exactly the vectors `xb` (ids `ids`), labelled from the memory."""
+    from pipeline.index.recall import exact_knn
+    from pipeline.memory.pruning import item_labels
+
     D, I = exact_knn(xq, [(xb, ids)], k)
     valid = I >= 0
     labels = np.full(I.shape, -1, np.int64)
@@ -93,6 +100,12 @@ def accuracy_table(mem, xq: np.ndarray, yq: np.ndarray, ks: Sequence[int], metho
     return AccuracyTable(ks, rows, len(xq))
 
 
+def methods_of(mem, base: Sequence[str]) -> List[str]:
+    """The configured methods, plus their soft variants when the memory has soft-pruning weights."""
+    return list(base) + ([f"soft_{m}" for m in base if not m.startswith("soft_")] if mem.gamma is not None
+                         else [])
+
+
 def load_queries(cfg):
     """(xq, yq) of the `cfg.eval.split` embeddings, the first `cfg.eval.max_queries` of them when set."""
     from pipeline.embed.parts import embeddings_of, read_embeddings
@@ -103,21 +116,41 @@ def load_queries(cfg):
     return embeddings_of(q), q.column("label").to_numpy()
 
 
+def build_embeddings(cfg, mem) -> Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(ids, labels, xb) of the embeddings split the memory was built from, or None when it is not on disk."""
+    from pipeline.embed.parts import embeddings_of, read_embeddings
+
+    src = mem.base.manifest.build.get("split")
+    if not src or not storage.exists(cfg.embeddings_dir(src)):
+        return None
+    t = read_embeddings(cfg.embeddings_dir(src), ["id", "label", "embedding"])
+    return t.column("id").to_numpy(), t.column("label").to_numpy(), embeddings_of(t)
+
+
+def memory_embeddings(cfg, mem) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids, labels, xb) of the memory: the build's float embeddings if on disk, else reconstructed vectors."""
+    from pipeline.memory.pruning import item_labels, live_vectors, memory_vectors
+
+    built = build_embeddings(cfg, mem)
+    if built is None:
+        return memory_vectors(mem)
+    ids, _, xb = built
+    in_base, _ = mem.base.rows(ids)  # items compacted away since the build are not in the memory
+    ids, xb = live_vectors(mem, [ids[in_base]], [xb[in_base]])
+    return ids, item_labels(mem, ids), xb
+
+
 def evaluate(cfg, mem=None, exact: bool = True, out_dir: Optional[str] = None) -> AccuracyTable:
     """`vmem eval`: accuracy@k table over `cfg.eval.split`; writes accuracy.csv and accuracy.png."""
-    from pipeline.embed.parts import embeddings_of, read_embeddings
     from pipeline.eval.plots import plot_accuracy
     from pipeline.memory.memory import VisualMemory
 
     mem = mem or VisualMemory.open(cfg.memory_dir, cfg=cfg)
     xq, yq = load_queries(cfg)
-    methods = list(cfg.eval.methods) + ([f"soft_{m}" for m in cfg.eval.methods if not m.startswith("soft_")]
-                                        if mem.gamma is not None else [])
+    methods = methods_of(mem, cfg.eval.methods)
     xb = ids = None
-    src = mem.base.manifest.build.get("split")
-    if exact and src and storage.exists(cfg.embeddings_dir(src)):  # exact over the original float vectors
-        t = read_embeddings(cfg.embeddings_dir(src), ["id", "embedding"])
-        ids, xb = t.column("id").to_numpy(), embeddings_of(t)
+    if exact:  # exact over the original float vectors when the build's embeddings are there
+        ids, _, xb = build_embeddings(cfg, mem) or (None, None, None)
     table = accuracy_table(mem, xq, yq, cfg.eval.ks, methods, exact=exact, exact_xb=xb, exact_ids=ids)
     out_dir = out_dir or storage.join(cfg.workdir, "eval")
     storage.atomic_write_bytes(storage.join(out_dir, "accuracy.csv"), table.to_csv().encode())
