@@ -215,3 +215,54 @@ def test_paper_study_prints_verdicts_from_computed_numbers(real, ray_session, ca
     rows = claims[4]["numbers"]["rows"]
     assert len(rows) == 10 and all(0 <= r["auroc"] <= 1 for r in rows)
     assert claims[4]["numbers"]["mean"]["auroc"] == pytest.approx(np.mean([r["auroc"] for r in rows]))
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_explorer_shows_confidence_ood_abstain_and_rerank_order(real, tmp_path):
+    """The explorer page in headless Chromium against the API (create_api + uvicorn on 127.0.0.1)."""
+    import os
+    import threading
+    import time
+
+    import uvicorn
+    from playwright.sync_api import expect, sync_playwright
+
+    from pipeline.serve.api import create_api
+    from test_browser import ARGS, CHROMIUM
+    from test_serve import free_port
+
+    if not os.path.exists(CHROMIUM):
+        pytest.fail("Debian chromium is missing: apt-get install -y chromium")
+    cfg, _, _, _, _, test, _ = real
+    mem = _open(cfg, "memory.reranker=encoder", "memory.abstain.max_ood=0.0")  # every query is "too far"
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_api(mem.cfg, mem, token="t"), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    query = tmp_path / "q.png"
+    query.write_bytes(test[0]["image"])
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            page.goto(f"http://127.0.0.1:{port}/")
+            page.fill("#k", "5")
+            page.set_input_files("#file", str(query))
+            expect(page.locator(".nb")).to_have_count(5, timeout=60_000)
+            expect(page.locator("#label")).to_have_text("unknown")
+            expect(page.locator("#trust")).to_contain_text("vote share")
+            expect(page.locator("#trust")).to_contain_text("OOD score")
+            expect(page.locator("#ood-flag")).to_be_visible()
+            expect(page.locator("#abstain")).to_contain_text("memory.abstain.max_ood")
+            expect(page.locator("#rerank")).to_contain_text("re-ranked by encoder")
+            expect(page.locator(".nb .lbl").first).to_contain_text("(was #")
+            page.screenshot(path=str(tmp_path / "trust.png"), full_page=True)
+            browser.close()
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        mem.close()
