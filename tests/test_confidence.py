@@ -54,3 +54,14 @@ def test_isotonic_pools_adjacent_violators():
     np.testing.assert_allclose(C.apply_isotonic([0.0, 0.25, 1.0], kx, ky), [0.0, 0.5, 1.0])
     assert (np.diff(C.fit_isotonic(np.random.default_rng(0).random(200),
                                    np.random.default_rng(1).random(200))[1]) >= 0).all()
+
+
+def test_share_logit_and_platt_fit():
+    np.testing.assert_allclose(C.share_logit([0.5, 1.0, 0.0], k=10), [0.0, math.log(0.95 / 0.05),
+                                                                         math.log(0.05 / 0.95)])
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=20000)
+    y = (rng.random(20000) < 1 / (1 + np.exp(-(2.0 * x - 0.5)))).astype(float)
+    a, b = C.fit_platt(x, y)
+    assert a == pytest.approx(2.0, abs=0.1) and b == pytest.approx(-0.5, abs=0.1)
+    assert C.apply_platt(0.25, 2.0, -0.5) == pytest.approx(0.5)

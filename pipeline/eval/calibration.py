@@ -1,7 +1,7 @@
-"""Calibration of vote confidence per vote method: ECE before/after an isotonic fit, reliability diagrams.
+"""Calibration of vote confidence per vote method: ECE before/after a fitted map, reliability diagrams.
 
-The queries are split in two halves (a fixed permutation): the isotonic map from the winner's vote share to
-P(correct) is fitted on the validation half and ECE is measured on the other half, raw share ("before") vs
+The queries are split in two halves (a fixed permutation): a map from the winner's vote share to P(correct)
+(Platt scaling by default, see `pipeline.memory.confidence`) is fitted on the validation half and ECE is measured on the other half, raw share ("before") vs
 mapped ("after"). The maps, with the 95th percentile of the validation OOD score as the OOD threshold, are
 stored with the memory version (`pipeline.memory.trust`), so classify reports a calibrated `probability`.
 """
@@ -17,7 +17,7 @@ import numpy as np
 from pipeline import storage
 from pipeline.figures import pyplot, save_png
 from pipeline.memory import confidence as C
-from pipeline.memory.trust import Calibration, save_calibration
+from pipeline.memory.trust import Calibration, apply_map, fit_map, save_calibration
 
 BINS = 10
 
@@ -29,9 +29,10 @@ class CalibrationReport:
     n_test: int
     rows: Dict[str, dict]  # method -> {ece_before, ece_after, accuracy, bins_before, bins_after}
     calibration: Calibration
+    kind: str = "platt"
 
     def format(self) -> str:
-        lines = [f"calibration of the winner's vote share at k={self.k} (isotonic map fitted on {self.n_val} "
+        lines = [f"calibration of the winner's vote share at k={self.k} ({self.kind} map fitted on {self.n_val} "
                  f"validation queries, ECE on {self.n_test} held-out queries, {BINS} bins)",
                  f"{'method':15s} {'accuracy':>8s} {'ECE before':>10s} {'ECE after':>9s}"]
         for m, r in self.rows.items():
@@ -58,7 +59,8 @@ def split_halves(n: int, seed: int = 0):
     return np.sort(perm[: n // 2]), np.sort(perm[n // 2:])
 
 
-def calibrate(mem, nb, yq: np.ndarray, methods: Sequence[str], ood_neighbors: int = 100) -> CalibrationReport:
+def calibrate(mem, nb, yq: np.ndarray, methods: Sequence[str], ood_neighbors: int = 100,
+              kind: str = "platt") -> CalibrationReport:
     """Fit and measure the calibration of every method on searched neighbours `nb` (k = its width)."""
     k = nb.I.shape[1]
     val, test = split_halves(len(yq))
@@ -68,19 +70,19 @@ def calibrate(mem, nb, yq: np.ndarray, methods: Sequence[str], ood_neighbors: in
         share = C.vote_confidence(v.totals, v.present, np.where(v.label >= 0, np.searchsorted(v.classes, v.label),
                                                                  -1))["share"]
         correct = (v.label == yq).astype(np.float64)
-        kx, ky = C.fit_isotonic(share[val], correct[val])
-        after = C.apply_isotonic(share[test], kx, ky)
+        fitted = fit_map(kind, share[val], correct[val], k)
+        after = apply_map(fitted, share[test], k)
         rows[method] = {"accuracy": float(correct[test].mean()),
                         "ece_before": C.ece(share[test], correct[test], BINS),
                         "ece_after": C.ece(after, correct[test], BINS),
                         "bins_before": C.reliability(share[test], correct[test], BINS),
                         "bins_after": C.reliability(after, correct[test], BINS)}
-        maps[method] = {"x": kx.tolist(), "y": ky.tolist(), "n_fit": int(len(val)),
+        maps[method] = {**fitted, "n_fit": int(len(val)),
                         "ece_before": rows[method]["ece_before"], "ece_after": rows[method]["ece_after"]}
     ood = C.ood_score(nb.distances, ood_neighbors)[val]
     thr = float(np.nanpercentile(ood, 95)) if np.isfinite(ood).any() else None
     cal = Calibration(version=mem.version, k=k, ood_neighbors=ood_neighbors, ood_threshold=thr, methods=maps)
-    return CalibrationReport(k, len(val), len(test), rows, cal)
+    return CalibrationReport(k, len(val), len(test), rows, cal, kind)
 
 
 def plot_reliability(report: CalibrationReport, out: str) -> str:

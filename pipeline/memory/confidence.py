@@ -6,9 +6,12 @@
 - `ood_score(d, n=100)`: the paper's OOD signal, the mean cosine distance to the first `n` neighbours (fewer if
   fewer were searched); missing neighbours (NaN) are ignored.
 - `ece(conf, correct)` / `reliability(conf, correct)`: expected calibration error over equal-width bins.
-- `fit_isotonic(x, y)` / `apply_isotonic(...)`: a monotone map from confidence to P(correct), fitted by pool
-  adjacent violators on a validation split (isotonic rather than a temperature: a plurality vote share takes
-  only k+1 values, and a unanimous vote (share 1) cannot be moved by any temperature).
+- `fit_platt(x, y)` / `apply_platt(...)`: P(correct) = sigmoid(a * x + b) on x = `share_logit(share, k)`, the
+  log-odds of the vote share clipped to [1/2k, 1 - 1/2k] (a unanimous vote, share 1, still gets a finite
+  logit, so the fit can pull it below 1). `a` is an inverse temperature, `b` a bias; fitted by Newton's method
+  on a validation split. Two parameters keep it stable on a few hundred queries.
+- `fit_isotonic(x, y)` / `apply_isotonic(...)`: the non-parametric alternative (pool adjacent violators); it
+  needs more validation queries than Platt scaling to beat the raw share (measured on Fashion-MNIST).
 """
 from __future__ import annotations
 
@@ -103,3 +106,32 @@ def fit_isotonic(x: np.ndarray, y: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
 def apply_isotonic(x: np.ndarray, knots_x: np.ndarray, knots_y: np.ndarray) -> np.ndarray:
     """The fitted map at `x` (linear between knots, constant beyond the ends)."""
     return np.interp(np.asarray(x, dtype=np.float64), knots_x, knots_y)
+
+
+def share_logit(share: np.ndarray, k: int) -> np.ndarray:
+    """Log-odds of vote shares, clipped to [1/2k, 1 - 1/2k] so that unanimous votes stay finite."""
+    e = 0.5 / max(int(k), 1)
+    p = np.clip(np.asarray(share, dtype=np.float64), e, 1.0 - e)
+    return np.log(p / (1.0 - p))
+
+
+def fit_platt(x: np.ndarray, y: np.ndarray, iters: int = 100, l2: float = 1e-3) -> Tuple[float, float]:
+    """(a, b) of the logistic fit P(y=1) = sigmoid(a x + b) (Newton's method, a small L2 penalty for stability)."""
+    x = np.asarray(x, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    assert x.shape == y.shape and x.ndim == 1 and len(x) > 0, "fit_platt needs two equal non-empty 1-d arrays"
+    X = np.stack([x, np.ones_like(x)], axis=1)
+    w = np.array([1.0, 0.0])
+    for _ in range(iters):
+        p = 1.0 / (1.0 + np.exp(-(X @ w)))
+        grad = X.T @ (p - y) + l2 * w
+        hess = (X * (p * (1 - p))[:, None]).T @ X + l2 * np.eye(2)
+        step = np.linalg.solve(hess, grad)
+        w = w - step
+        if np.abs(step).max() < 1e-10:
+            break
+    return float(w[0]), float(w[1])
+
+
+def apply_platt(x: np.ndarray, a: float, b: float) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-(a * np.asarray(x, dtype=np.float64) + b)))

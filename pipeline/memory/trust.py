@@ -1,9 +1,10 @@
 """Trust signals on predictions: confidence, OOD score, the calibration stored with a memory version, abstaining.
 
 On disk: `<memory>/calibration/vNNNNNN.json` (written atomically by `vmem eval`), one file per memory version:
-`{"version": N, "k": 10, "ood_neighbors": 100, "ood_threshold": 0.31, "methods": {"rank": {"x": [...],
-"y": [...], "n_fit": 1000, "ece_before": 0.05, "ece_after": 0.01}, ...}}`. `x`/`y` are the knots of an
-isotonic map from the winner's vote share to P(correct), fitted on a validation split at k neighbours;
+`{"version": N, "k": 10, "ood_neighbors": 100, "ood_threshold": 0.31, "methods": {"rank": {"kind": "platt",
+"a": 1.3, "b": 0.2, "n_fit": 1000, "ece_before": 0.05, "ece_after": 0.01}, ...}}`: per vote method, a map from
+the winner's vote share to P(correct) fitted on a validation split at k neighbours (`platt`: a, b of
+`confidence.fit_platt` on the share's log-odds; `isotonic`: knots x, y of `confidence.fit_isotonic`);
 `ood_threshold` is the 95th percentile of the OOD score of in-distribution validation queries. A memory
 without that file still gets confidence, margin, entropy and the OOD score; `probability` stays None.
 """
@@ -29,18 +30,35 @@ class Calibration:
     k: int
     ood_neighbors: int
     ood_threshold: Optional[float] = None
-    methods: Dict[str, dict] = field(default_factory=dict)  # method -> {x, y, n_fit, ece_before, ece_after}
+    methods: Dict[str, dict] = field(default_factory=dict)  # method -> {kind, a, b | x, y, n_fit, ece_*}
 
     def probability(self, method: str, k: int, share: np.ndarray) -> Optional[np.ndarray]:
         """Calibrated P(correct) of vote shares under `method` at `k`; None when not fitted for them."""
         m = self.methods.get(method)
         if m is None or k != self.k:
             return None
-        return C.apply_isotonic(share, np.asarray(m["x"]), np.asarray(m["y"]))
+        return apply_map(m, share, k)
 
     def to_dict(self) -> dict:
         return {"version": self.version, "k": self.k, "ood_neighbors": self.ood_neighbors,
                 "ood_threshold": self.ood_threshold, "methods": self.methods}
+
+
+def fit_map(kind: str, share: np.ndarray, correct: np.ndarray, k: int) -> dict:
+    """A calibration map of `kind` ('platt' or 'isotonic') from vote shares to P(correct)."""
+    if kind == "platt":
+        a, b = C.fit_platt(C.share_logit(share, k), correct)
+        return {"kind": kind, "a": a, "b": b}
+    if kind == "isotonic":
+        x, y = C.fit_isotonic(share, correct)
+        return {"kind": kind, "x": x.tolist(), "y": y.tolist()}
+    raise ValueError(f"unknown calibration kind {kind!r}: platt or isotonic")
+
+
+def apply_map(m: dict, share: np.ndarray, k: int) -> np.ndarray:
+    if m["kind"] == "platt":
+        return C.apply_platt(C.share_logit(share, k), m["a"], m["b"])
+    return C.apply_isotonic(share, np.asarray(m["x"]), np.asarray(m["y"]))
 
 
 def calibration_url(memory_dir: str, version: int) -> str:
