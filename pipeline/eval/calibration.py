@@ -67,8 +67,7 @@ def calibrate(mem, nb, yq: np.ndarray, methods: Sequence[str], ood_neighbors: in
     rows, maps = {}, {}
     for method in methods:
         v = mem.vote(nb, method)
-        share = C.vote_confidence(v.totals, v.present, np.where(v.label >= 0, np.searchsorted(v.classes, v.label),
-                                                                 -1))["share"]
+        share = C.of_votes(v)["share"]
         correct = (v.label == yq).astype(np.float64)
         fitted = fit_map(kind, share[val], correct[val], k)
         after = apply_map(fitted, share[test], k)

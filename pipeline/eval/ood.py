@@ -63,8 +63,7 @@ def ood_scores_without(xb: np.ndarray, yb: np.ndarray, xq: np.ndarray, label: in
     d = np.where(I >= 0, 1.0 - D, np.nan)
     labels = np.where(I[:, :k] >= 0, yb[keep][np.clip(I[:, :k], 0, None)], -1)
     v = vote("plurality", d[:, :k], labels)
-    share = C.vote_confidence(v.totals, v.present, np.where(v.label >= 0, np.searchsorted(v.classes, v.label),
-                                                             -1))["share"]
+    share = C.of_votes(v)["share"]
     return C.ood_score(d, n), 1.0 - share
 
 

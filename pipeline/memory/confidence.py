@@ -43,6 +43,12 @@ def vote_confidence(totals: np.ndarray, present: np.ndarray, winner: np.ndarray)
     return {"share": w, "margin": margin, "entropy": np.where(ok, ent, 0.0)}
 
 
+def of_votes(v) -> Dict[str, np.ndarray]:
+    """`vote_confidence` of a `votes.Votes` (its winner's column found from its label)."""
+    col = np.where(v.label >= 0, np.searchsorted(v.classes, v.label), -1)
+    return vote_confidence(v.totals, v.present, col)
+
+
 def ood_score(d: np.ndarray, n: int = 100) -> np.ndarray:
     """(nq,) mean cosine distance to the first `n` neighbours of (nq, k) distances `d` (NaN = missing)."""
     d = np.asarray(d, dtype=np.float64)[:, :n]

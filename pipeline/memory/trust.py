@@ -107,8 +107,7 @@ def policy_of(cfg) -> AbstainPolicy:
 
 def annotate(preds: List, v, nb, memory_dir: str, version: int, cfg=None) -> List:
     """Fill the trust fields of `preds` (one per row of `nb`) from their vote `v`, in place; returns `preds`."""
-    col = np.where(v.label >= 0, np.searchsorted(v.classes, v.label), -1)
-    conf = C.vote_confidence(v.totals, v.present, col)
+    conf = C.of_votes(v)
     n_ood = cfg.memory.ood_neighbors if cfg is not None else 100
     ood = C.ood_score(nb.distances, n_ood)
     k = int((nb.I >= 0).sum(axis=1).max(initial=0))
