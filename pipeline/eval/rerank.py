@@ -13,10 +13,14 @@ import itertools
 import time
 from typing import Dict, List, Sequence
 
+import logging
+
 import numpy as np
 
 from pipeline import storage
 from pipeline.memory import rerankers
+
+log = logging.getLogger("vmem.eval")
 
 
 def query_images(cfg, n: int):
@@ -44,7 +48,9 @@ def rerank_study(mem, images: List[bytes], yq: np.ndarray, k: int, methods: Sequ
     preds: Dict[str, Dict[str, list]] = {"none": {m: [] for m in methods}, "reranked": {m: [] for m in methods}}
     ms: Dict[str, list] = {"none": [], "reranked": []}
     moved = []
-    for im in images:
+    for q, im in enumerate(images):
+        if q and q % 50 == 0:
+            log.info("rerank study: %d/%d queries", q, len(images))
         t0 = time.perf_counter()
         nb = mem.search([im], k=n)
         t1 = time.perf_counter()

@@ -25,6 +25,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
+from pipeline import storage
 from pipeline.errors import UserError
 from pipeline.memory.results import Neighbors
 
@@ -109,7 +110,7 @@ def rerank_search(mem, images=None, embeddings=None, k: Optional[int] = None, np
 
 
 def to_pil(image):
-    """A PIL RGB image from PIL / bytes / a path."""
+    """A PIL RGB image from PIL / bytes / a path or URL."""
     from PIL import Image
 
     from pipeline.embed.preprocess import decode_image
@@ -118,8 +119,7 @@ def to_pil(image):
         return image.convert("RGB")
     if isinstance(image, (bytes, bytearray)):
         return decode_image(bytes(image))
-    with open(image, "rb") as f:
-        return decode_image(f.read())
+    return decode_image(storage.read_bytes(str(image)))  # a local path or an s3:// URL
 
 
 class EncoderReranker(Reranker):

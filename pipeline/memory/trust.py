@@ -56,7 +56,7 @@ def fit_map(kind: str, share: np.ndarray, correct: np.ndarray, k: int) -> dict:
 
 
 def apply_map(m: dict, share: np.ndarray, k: int) -> np.ndarray:
-    if m["kind"] == "platt":
+    if m.get("kind", "isotonic") == "platt":
         return C.apply_platt(C.share_logit(share, k), m["a"], m["b"])
     return C.apply_isotonic(share, np.asarray(m["x"]), np.asarray(m["y"]))
 
