@@ -125,8 +125,8 @@ def plot_ood(rows: List[OodRow], out: str) -> str:
     ax.set_xticks(x, [str(r.label) for r in rows])
     ax.set_xlabel("held-out class")
     ax.set_ylabel("AUROC")
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=8)
+    ax.set_ylim(0, 1.15)  # room above the bars for the legend
+    ax.legend(fontsize=8, loc="upper center", ncol=2)
     ax.set_title("OOD detection of a class held out of the memory")
     fig.tight_layout()
     return save_png(fig, out, dpi=100)
