@@ -94,6 +94,15 @@ class IndexConfig:
 
 
 @dataclass
+class AbstainConfig:
+    # Answer "unknown" (with the reason) instead of a label when a prediction is not trusted. None = no test.
+    # min_confidence compares the calibrated probability when the memory has a calibration for the vote
+    # method and k (written by `vmem eval`), else the winner's raw vote share.
+    min_confidence: Optional[float] = None
+    max_ood: Optional[float] = None  # OOD score (mean cosine distance to the neighbours) above which to abstain
+
+
+@dataclass
 class MemoryConfig:
     k: int = 10
     method: str = "plurality"  # plurality | distance | softmax | rank | soft_*
@@ -108,6 +117,13 @@ class MemoryConfig:
     auto_compact: bool = True  # compact after an add/delete once the thresholds below are crossed
     prune_k: int = 10
     hard_prune_threshold: int = 128
+    ood_neighbors: int = 100  # the OOD score averages the distance to this many first neighbours (the paper's 100)
+    abstain: AbstainConfig = field(default_factory=AbstainConfig)
+    # Re-rank the neighbours before the vote: a name in pipeline.memory.rerankers (None = no re-ranking).
+    reranker: Optional[str] = None
+    rerank_k: int = 50  # candidates searched and re-ranked; the vote uses the first k of the new order
+    rerank_encoder: str = "efficientnet_lite2"  # the `encoder` reranker's second, stronger encoder
+    rerank_image_size: Optional[int] = None  # its input size; None = the memory encoder's image size
 
 
 @dataclass
@@ -185,8 +201,9 @@ CHOICES = {
     "index.metric": ("ip",),
 }
 POSITIVE = ("data.samples_per_shard", "embed.batch_size", "embed.num_actors", "index.num_shards",
-            "memory.k", "embed.rows_per_part", "embed.preprocess_batch_size", "serve.max_k", "serve.max_batch",
-            "serve.ingress_replicas", "serve.shard_replicas", "serve.max_request_bytes")
+            "memory.k", "memory.rerank_k", "memory.ood_neighbors", "embed.rows_per_part",
+            "embed.preprocess_batch_size", "serve.max_k", "serve.max_batch", "serve.ingress_replicas",
+            "serve.shard_replicas", "serve.max_request_bytes")
 
 
 def _fields(node_type: type) -> List[str]:

@@ -37,6 +37,18 @@ def _inputs(args):
     return images, None
 
 
+def _trust_line(p) -> str:
+    """confidence, calibrated probability, OOD score (+ flag) and any abstain reason of a prediction."""
+    parts = [f"share={p.confidence:.2f}", f"margin={p.margin:.2f}", f"ood={p.ood_score:.3f}"]
+    if p.probability is not None:
+        parts.insert(0, f"p={p.probability:.2f}")
+    if p.ood:
+        parts.append("OOD")
+    if p.abstained:
+        parts.append(f"abstained (vote said {p.voted_label}): {p.abstain_reason}")
+    return " ".join(parts)
+
+
 @command("classify", "classify images (or embedding vectors) by a kNN vote over the memory",
          "vmem classify --vectors work/queries.npy --k 10 --method rank", _query_args)
 def cmd_classify(cfg: Config, args: argparse.Namespace) -> int:
@@ -49,7 +61,7 @@ def cmd_classify(cfg: Config, args: argparse.Namespace) -> int:
             print(json.dumps({"input": name, **p.to_dict()}))
         else:
             top = ", ".join(f"{n}={s:.3g}" for n, s in list(p.scores.items())[:3])
-            print(f"{name}\t{p.label_name}\t({p.method}: {top})")
+            print(f"{name}\t{p.label_name}\t({p.method}: {top})\t{_trust_line(p)}")
     return 0
 
 
@@ -227,14 +239,22 @@ def cmd_stats(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--study", choices=["add_class", "delete_class", "pruning"], help="run a study instead")
-    p.add_argument("--label", type=int, help="class for add_class / delete_class (default: first query's)")
+    p.add_argument("--study", choices=["add_class", "delete_class", "pruning", "paper", "ood", "rerank"],
+                   help="run a study instead (paper: each claim of the paper with our numbers and a verdict)")
+    p.add_argument("--label", type=int, help="class for add_class / delete_class / paper (default: first query's)")
+    p.add_argument("--queries", type=int, default=200, help="query images of the rerank study")
     p.add_argument("--no-exact", action="store_true", help="skip the exact (flat) search baseline")
+    p.add_argument("--no-ood", action="store_true", help="skip the OOD study (one held-out class at a time)")
 
 
-@command("eval", "accuracy@k of every vote method (ANN and exact) over eval.split; CSV + PNG; or a study",
-         "vmem eval eval.max_queries=500", _eval_args)
+@command("eval", "accuracy@k of every vote method (ANN and exact), calibration (ECE, reliability) and the OOD "
+         "study over eval.split; CSV + PNG; or a study", "vmem eval eval.max_queries=500", _eval_args)
 def cmd_eval(cfg: Config, args: argparse.Namespace) -> int:
+    from pipeline.eval.trust import TRUST_STUDIES, evaluate_trust, run_trust_study
+
+    if args.study in TRUST_STUDIES:
+        print(run_trust_study(cfg, args.study, args.label, n=args.queries))
+        return 0
     if args.study:
         from pipeline.eval.studies import format_study, run_study
 
@@ -242,6 +262,9 @@ def cmd_eval(cfg: Config, args: argparse.Namespace) -> int:
         return 0
     from pipeline.eval.accuracy import evaluate
 
-    table = evaluate(cfg, _open(cfg), exact=not args.no_exact)
+    mem = _open(cfg)
+    table = evaluate(cfg, mem, exact=not args.no_exact)
     print(table.format())
+    print()
+    print(evaluate_trust(cfg, mem, ood=not args.no_ood))
     return 0

@@ -54,21 +54,36 @@ def exact_neighbors(mem, xq: np.ndarray, k: int, xb: Optional[np.ndarray] = None
                     ids: Optional[np.ndarray] = None) -> Neighbors:
     """Brute-force top-k over the memory's live items, from given float vectors `xb`/`ids` (else the shards'
     reconstructed vectors) plus the delta. In-process: for memories that fit; see `exact_neighbors_job`."""
-    from pipeline.index.recall import exact_knn
-    from pipeline.memory.pruning import live_labels, memory_vectors
+    from pipeline.memory.pruning import memory_vectors
 
     if xb is None:
         ids, _, xb = memory_vectors(mem)
-    label_of = live_labels(mem)
+    ids, xb = live_with_delta(mem, ids, xb)
+    return exact_neighbors_of(mem, xq, k, xb, ids)
+
+
+def live_with_delta(mem, ids: np.ndarray, xb: np.ndarray, label_of: Optional[dict] = None):
+    """(ids, xb) of the live ones of the given vectors plus the delta's live items not among them."""
+    from pipeline.memory.pruning import live_labels
+
+    label_of = live_labels(mem) if label_of is None else label_of
     live = np.array([int(i) in label_of for i in ids], bool)
     d_ids, d_xb = mem.delta.vectors()
     fresh = ~np.isin(d_ids, ids) & np.array([int(i) in label_of for i in d_ids], bool)
-    ids = np.concatenate([np.asarray(ids, np.int64)[live], d_ids[fresh]])
-    xb = np.vstack([np.asarray(xb, np.float32)[live], d_xb[fresh]])
+    return (np.concatenate([np.asarray(ids, np.int64)[live], d_ids[fresh]]),
+            np.vstack([np.asarray(xb, np.float32)[live], d_xb[fresh]]))
+
+
+def exact_neighbors_of(mem, xq: np.ndarray, k: int, xb: np.ndarray, ids: np.ndarray) -> Neighbors:
+    """Brute-force top-k over exactly the vectors `xb` (ids `ids`), labelled with the memory's current labels."""
+    from pipeline.index.recall import exact_knn
+    from pipeline.memory.pruning import live_labels
+
+    label_of = live_labels(mem)
     D, I = exact_knn(xq, [(xb, ids)], k)
     valid = I >= 0
     labels = np.full(I.shape, -1, np.int64)
-    labels[valid] = [label_of[int(i)] for i in I[valid]]
+    labels[valid] = [label_of.get(int(i), -1) for i in I[valid]]
     empty = np.full(I.shape, "", dtype=object)
     return Neighbors(np.where(valid, D, -np.inf), I, labels, empty.copy(), empty.copy(), empty.copy())
 
@@ -155,6 +170,12 @@ def accuracy_table(mem, xq: np.ndarray, yq: np.ndarray, ks: Sequence[int], metho
     return AccuracyTable(ks, rows, len(xq))
 
 
+def methods_of(mem, base: Sequence[str]) -> List[str]:
+    """The configured methods, plus their soft variants when the memory has soft-pruning weights."""
+    return list(base) + ([f"soft_{m}" for m in base if not m.startswith("soft_")] if mem.gamma is not None
+                         else [])
+
+
 def load_queries(cfg):
     """(xq, yq) of the `cfg.eval.split` embeddings, the first `cfg.eval.max_queries` of them when set."""
     from pipeline.embed.parts import embeddings_of, read_embeddings
@@ -165,6 +186,29 @@ def load_queries(cfg):
     return embeddings_of(q), q.column("label").to_numpy()
 
 
+def build_embeddings(cfg, mem) -> Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(ids, labels, xb) of the embeddings split the memory was built from, or None when it is not on disk."""
+    from pipeline.embed.parts import embeddings_of, read_embeddings
+
+    src = mem.base.manifest.build.get("split")
+    if not src or not storage.exists(cfg.embeddings_dir(src)):
+        return None
+    t = read_embeddings(cfg.embeddings_dir(src), ["id", "label", "embedding"])
+    return t.column("id").to_numpy(), t.column("label").to_numpy(), embeddings_of(t)
+
+
+def memory_embeddings(cfg, mem) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids, labels, xb) of the memory: the build's float embeddings if on disk, else reconstructed vectors."""
+    from pipeline.memory.pruning import live_labels, memory_vectors
+
+    built = build_embeddings(cfg, mem)
+    if built is None:
+        return memory_vectors(mem)
+    label_of = live_labels(mem)
+    ids, xb = live_with_delta(mem, built[0], built[2], label_of)  # deleted items out, adds in
+    return ids, np.array([label_of[int(i)] for i in ids], np.int64), xb
+
+
 def evaluate(cfg, mem=None, exact: bool = True, out_dir: Optional[str] = None) -> AccuracyTable:
     """`vmem eval`: accuracy@k table over `cfg.eval.split`; writes accuracy.csv and accuracy.png."""
     from pipeline.eval.plots import plot_accuracy
@@ -172,8 +216,7 @@ def evaluate(cfg, mem=None, exact: bool = True, out_dir: Optional[str] = None) -
 
     mem = mem or VisualMemory.open(cfg.memory_dir, cfg=cfg)
     xq, yq = load_queries(cfg)
-    methods = list(cfg.eval.methods) + ([f"soft_{m}" for m in cfg.eval.methods if not m.startswith("soft_")]
-                                        if mem.gamma is not None else [])
+    methods = methods_of(mem, cfg.eval.methods)
     src = mem.base.manifest.build.get("split")
     emb_dir = cfg.embeddings_dir(src) if src and storage.exists(cfg.embeddings_dir(src)) else None
     if exact and emb_dir:  # exact over the original float vectors, a Ray task per shard

@@ -35,7 +35,7 @@ def scratch_copy(memory_dir: str) -> str:
     return target
 
 
-def _acc(mem, xq, yq, k, method, mask=None) -> float:
+def accuracy(mem, xq, yq, k, method, mask=None) -> float:
     pred = mem.vote(mem.search(embeddings=xq, k=k), method).label
     sel = np.ones(len(yq), bool) if mask is None else mask
     return float(np.mean(pred[sel] == yq[sel])) if sel.any() else float("nan")
@@ -54,13 +54,13 @@ def study_add_class(mem_dir: str, xq, yq, label: int, k: int = 10, method: str =
     mem.delete(label=label)
     mem.compact()
     cls = yq == label
-    before = {"class": _acc(mem, xq, yq, k, method, cls), "others": _acc(mem, xq, yq, k, method, ~cls),
-              "all": _acc(mem, xq, yq, k, method)}
+    before = {"class": accuracy(mem, xq, yq, k, method, cls), "others": accuracy(mem, xq, yq, k, method, ~cls),
+              "all": accuracy(mem, xq, yq, k, method)}
     # Deletion is final (the forget list refuses the old keys), so the class comes back under new keys.
     mem.add(embeddings=xb[sel], labels=[label] * int(sel.sum()), keys=[f"{it['key']}#re-added" for it in items],
             label_names=[it["label_name"] for it in items], sources=[it["source"] for it in items])
-    after = {"class": _acc(mem, xq, yq, k, method, cls), "others": _acc(mem, xq, yq, k, method, ~cls),
-             "all": _acc(mem, xq, yq, k, method)}
+    after = {"class": accuracy(mem, xq, yq, k, method, cls), "others": accuracy(mem, xq, yq, k, method, ~cls),
+             "all": accuracy(mem, xq, yq, k, method)}
     mem.close()
     return {"study": "add_class", "label": int(label), "added": int(sel.sum()), "k": k, "method": method,
             "before": before, "after": after}
@@ -88,11 +88,11 @@ def study_delete_class(mem_dir: str, xq, yq, label: int, k: int = 50, method: st
 def study_pruning(mem_dir: str, xq, yq, k: int = 10, threshold: Optional[int] = None) -> dict:
     """Accuracy per method: none, hard pruning (v over 100 nbrs >= threshold), soft pruning (gamma over 10)."""
     mem = VisualMemory.open(mem_dir)
-    none = {m: _acc(mem, xq, yq, k, m) for m in BASE_METHODS}
+    none = {m: accuracy(mem, xq, yq, k, m) for m in BASE_METHODS}
     rep_soft = mem.prune(hard=False, soft=True)
-    soft = {m: _acc(mem, xq, yq, k, f"soft_{m}") for m in BASE_METHODS}
+    soft = {m: accuracy(mem, xq, yq, k, f"soft_{m}") for m in BASE_METHODS}
     rep_hard = mem.prune(hard=True, soft=False, threshold=threshold)
-    hard = {m: _acc(mem, xq, yq, k, m) for m in BASE_METHODS}
+    hard = {m: accuracy(mem, xq, yq, k, m) for m in BASE_METHODS}
     mem.close()
     return {"study": "pruning", "k": k, "none": none, "hard": hard, "soft": soft,
             "hard_pruned": rep_hard["hard_pruned"], "threshold": rep_hard["threshold"],

@@ -18,7 +18,7 @@ import numpy as np
 
 from pipeline import storage
 from pipeline.errors import DataError, NotFound, UserError
-from pipeline.memory import votes
+from pipeline.memory import rerankers, trust, votes
 from pipeline.memory.base import BaseState, blob_url, merge_neighbors
 from pipeline.memory.delta import DeltaIndex
 from pipeline.memory.overlays import GammaOverlay, Interventions, load_gamma, load_interventions
@@ -179,6 +179,8 @@ class VisualMemory:
         """(votes, multipliers, labels, label_names, gamma or None) after interventions and soft pruning."""
         m = votes.get_method(method)
         mult, labels, names = self.interventions.apply(nb.I, nb.labels, nb.label_names, nb.sources)
+        if nb.weights is not None:  # a reranker's vote factors
+            mult = mult * nb.weights
         gamma = None
         if m.soft:
             if self.gamma is None:
@@ -192,7 +194,7 @@ class VisualMemory:
                  nprobe: Optional[int] = None, **params) -> List[Prediction]:
         """One `Prediction` per query: winning label, per-class totals and the neighbours that voted."""
         method = method or self._default("method", "plurality")
-        nb = self.search(images, embeddings, k=k, nprobe=nprobe)
+        nb = rerankers.rerank_search(self, images, embeddings, k=k, nprobe=nprobe)
         return self.predictions(nb, method, **params)
 
     def predictions(self, nb: Neighbors, method: str, **params) -> List[Prediction]:
@@ -219,7 +221,7 @@ class VisualMemory:
             out.append(Prediction(label=label, label_name=name_of.get(label, ""), method=method,
                                   scores={name_of.get(c, str(c)): s for c, s in v.scores(q).items()},
                                   neighbors=neighbors))
-        return out
+        return trust.annotate(out, v, nb, self.memory_dir, self.version, self.cfg)
 
     def explain(self, image=None, embedding=None, k: Optional[int] = None, method: Optional[str] = None,
                 out: Optional[str] = None, **params) -> Prediction:

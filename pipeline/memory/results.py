@@ -19,6 +19,7 @@ class Neighbor:
     multiplier: float = 1.0  # intervention factor included in `weight`
     gamma: float = 1.0  # soft-pruning factor included in `weight` (soft_* methods)
     original_label: Optional[int] = None  # set when an intervention overrode the stored label
+    rank_before: Optional[int] = None  # 0-based rank in the search order, set when a reranker reordered them
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -31,6 +32,17 @@ class Prediction:
     scores: Dict[str, float]  # per-class vote totals, best first
     neighbors: List[Neighbor] = field(default_factory=list)
     method: str = "plurality"
+    # Trust signals (pipeline.memory.confidence / trust): how unanimous the vote was and how far the query is.
+    confidence: float = 0.0  # the winner's share of the vote weight
+    margin: float = 0.0  # winner's share minus the runner-up's
+    entropy: float = 0.0  # entropy (nats) of the per-class vote shares
+    ood_score: float = float("nan")  # mean cosine distance to the first memory.ood_neighbors neighbours
+    probability: Optional[float] = None  # calibrated P(label is right); None without a calibration for method@k
+    ood: Optional[bool] = None  # ood_score above the threshold (calibration's or memory.abstain.max_ood)
+    abstained: bool = False  # the abstain policy answered "unknown": label -1, label_name "unknown"
+    abstain_reason: Optional[str] = None
+    voted_label: Optional[int] = None  # what the vote said, when the policy abstained
+    reranker: Optional[str] = None  # the reranker that reordered the neighbours (Neighbor.rank_before)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -46,6 +58,8 @@ class Neighbors:
     keys: np.ndarray
     sources: np.ndarray
     stored_labels: Optional[np.ndarray] = None  # labels the shards hold, before relabel overlays
+    weights: Optional[np.ndarray] = None  # a reranker's per-neighbour vote factors (None = all 1)
+    rank_before: Optional[np.ndarray] = None  # a reranker's record of each neighbour's search rank
 
     def meta_columns(self) -> tuple:
         return self.labels, self.label_names, self.keys, self.sources
@@ -55,6 +69,6 @@ class Neighbors:
         return np.where(self.I < 0, np.nan, 1.0 - self.D)
 
     def take(self, k: int) -> "Neighbors":
-        return Neighbors(*(a[:, :k] for a in (self.D, self.I, self.labels, self.label_names, self.keys,
-                                              self.sources)),
-                         stored_labels=None if self.stored_labels is None else self.stored_labels[:, :k])
+        return Neighbors(*(None if a is None else a[:, :k] for a in (
+            self.D, self.I, self.labels, self.label_names, self.keys, self.sources, self.stored_labels,
+            self.weights, self.rank_before)))

@@ -46,8 +46,13 @@ def make_clusters(n: int, dim: int = 32, num_classes: int = 10, spread: float = 
 
 def build_synthetic_memory(memory_dir: str, data: Synthetic, num_shards: int = 2, index_key: str = "IVF16,Flat",
                            nprobe: int = 16, label_names: Optional[List[str]] = None,
-                           source: str = "synthetic") -> Manifest:
-    """Train `index_key` on the data, populate `num_shards` shards (id % num_shards) and commit version 1."""
+                           source: str = "synthetic", shards: Optional[List[str]] = None,
+                           encoder: Optional[dict] = None, build: Optional[dict] = None) -> Manifest:
+    """Train `index_key` on the data, populate `num_shards` shards (id % num_shards) and commit version 1.
+
+    Real embeddings of real images may be given too: `shards` (the WebDataset tar of each item, so
+    `get_image` works), `encoder` ({"name", "image_size"}) and `build` (e.g. {"split": "train"}) for the manifest.
+    """
     dim = data.xb.shape[1]
     trained, _ = itrain.train_index(data.xb, index_key, "ip", prefer_autofaiss=False)
     store = ManifestStore(memory_dir)
@@ -65,12 +70,13 @@ def build_synthetic_memory(memory_dir: str, data: Synthetic, num_shards: int = 2
         meta = pa.table({"id": pa.array(data.ids[sel], pa.int64()), "label": pa.array(data.labels[sel], pa.int64()),
                          "label_name": [names[int(l)] for l in data.labels[sel]],
                          "key": [data.keys[i] for i in sel], "source": [source] * len(sel),
-                         "shard": [""] * len(sel)})
+                         "shard": [shards[i] if shards else "" for i in sel]})
         entries.append(save_shard(memory_dir, version, s, index, meta))
     m = Manifest(version=version, shards=entries, index_key=index_key, dim=dim, metric="ip",
                  trained_path=trained_rel, trained_sha256=sha256_bytes(tb), nprobe=nprobe,
-                 encoder={"name": "synthetic", "dim": dim},
-                 build={"trainer": "faiss", "source": "synthetic", "label_names": {str(i): n for i, n in enumerate(names)}})
+                 encoder=encoder or {"name": "synthetic", "dim": dim},
+                 build={"trainer": "faiss", "source": "synthetic",
+                        "label_names": {str(i): n for i, n in enumerate(names)}, **(build or {})})
     store.commit(m)
     metas = [{"label": int(l), "label_name": names[int(l)], "key": k, "source": source, "shard": ""}
              for l, k in zip(data.labels, data.keys)]

@@ -68,6 +68,7 @@ function render(p) {
   $("result").hidden = false;
   $("label").textContent = p.label_name;
   $("label").dataset.label = p.label;
+  renderTrust(p);
   const scores = Object.entries(p.scores || {}).sort((a, b) => b[1] - a[1]);
   const max = scores.length ? Math.max(...scores.map((s) => s[1])) : 1;
   const bars = $("bars");
@@ -88,6 +89,35 @@ function render(p) {
   p.neighbors.forEach((n, rank) => grid.appendChild(neighborCard(n, rank, p.label)));
 }
 
+function num(x, digits) {
+  return x === null || x === undefined ? "–" : Number(x).toFixed(digits);
+}
+
+// Confidence (vote share, margin, entropy, calibrated probability), the OOD score and flag, an abstention,
+// and with a reranker on, the order before (search ranks) and after (the order that voted).
+function renderTrust(p) {
+  const parts = [];
+  if (p.probability !== null && p.probability !== undefined) parts.push(`calibrated p <b>${num(p.probability, 2)}</b>`);
+  parts.push(`vote share <b>${num(p.confidence, 2)}</b>`, `margin <b>${num(p.margin, 2)}</b>`,
+    `entropy <b>${num(p.entropy, 2)}</b>`, `OOD score <b>${num(p.ood_score, 3)}</b>`);
+  const t = $("trust");
+  t.innerHTML = parts.join(" · ");
+  if (p.ood) t.insertAdjacentHTML("beforeend", ' · <span class="flag" id="ood-flag">out of distribution</span>');
+  if (p.abstained) {
+    const a = document.createElement("div");
+    a.className = "abstain";
+    a.id = "abstain";
+    a.textContent = `abstained (the vote said ${p.voted_label}): ${p.abstain_reason}`;
+    t.appendChild(a);
+  }
+  const r = $("rerank");
+  r.hidden = !p.reranker;
+  if (p.reranker) {
+    const before = p.neighbors.map((n) => "#" + (n.rank_before + 1));
+    r.textContent = `re-ranked by ${p.reranker}: search ranks of the voters, in their new order: ${before.join(" ")}`;
+  }
+}
+
 function neighborCard(n, rank, predicted) {
   // Ids are 63-bit: a JS number would round them, so the exact id is read from the server-built URL.
   const itemUrl = n.image_url.replace(/\/image$/, "");
@@ -102,7 +132,8 @@ function neighborCard(n, rank, predicted) {
     <div class="row"><input class="newlabel" type="number" min="0" placeholder="label">
       <button class="secondary relabel">relabel</button></div>`;
   const lbl = card.querySelector(".lbl");
-  lbl.textContent = `#${rank + 1} ${n.label_name} (${n.label})`;
+  const was = n.rank_before === null || n.rank_before === undefined ? "" : ` (was #${n.rank_before + 1})`;
+  lbl.textContent = `#${rank + 1}${was} ${n.label_name} (${n.label})`;
   lbl.classList.add(n.label === predicted ? "same" : "other");
   card.querySelector(".meta").textContent =
     `d=${Math.max(0, Number(n.distance)).toFixed(3)} w=${Number(n.weight).toFixed(3)} id=${id}`;
