@@ -78,8 +78,8 @@ def build_synthetic_memory(memory_dir: str, data: Synthetic, num_shards: int = 2
                  build={"trainer": "faiss", "source": "synthetic",
                         "label_names": {str(i): n for i, n in enumerate(names)}, **(build or {})})
     store.commit(m)
-    metas = [{"label": int(l), "label_name": names[int(l)], "key": k, "source": source, "shard": ""}
-             for l, k in zip(data.labels, data.keys)]
+    metas = [{"label": int(l), "label_name": names[int(l)], "key": k, "source": source,
+              "shard": shards[i] if shards else ""} for i, (l, k) in enumerate(zip(data.labels, data.keys))]
     state = MemoryState(memory_dir)
     state.add_items(item_rows(data.ids.tolist(), metas, indexed=m.version))
     state["items"].index_ids()

@@ -141,6 +141,7 @@ class Neighbor(BaseModel):
     multiplier: Optional[float] = Field(1.0, description="intervention factor included in weight")
     gamma: Optional[float] = Field(1.0, description="soft-pruning factor included in weight")
     original_label: Optional[int] = Field(None, description="the stored label when an intervention overrode it")
+    rank_before: Optional[int] = Field(None, description="search rank before a reranker reordered it")
     image_url: str
 
 
@@ -151,6 +152,16 @@ class Prediction(BaseModel):
     neighbors: List[Neighbor]
     method: str
     k: int
+    confidence: Optional[float] = Field(None, description="the winner's vote share")
+    margin: Optional[float] = Field(None, description="winner's share minus the runner-up's")
+    entropy: Optional[float] = Field(None, description="entropy of the vote shares (nats)")
+    ood_score: Optional[float] = Field(None, description="mean cosine distance to the nearest neighbours")
+    probability: Optional[float] = Field(None, description="calibrated P(correct), when `vmem eval` fitted one")
+    ood: Optional[bool] = Field(None, description="OOD score above the threshold (None: no threshold known)")
+    abstained: bool = Field(False, description="memory.abstain answered 'unknown'")
+    abstain_reason: Optional[str] = None
+    voted_label: Optional[int] = Field(None, description="the vote's winner when the answer is 'unknown'")
+    reranker: Optional[str] = Field(None, description="the reranker that reordered the neighbours")
 
 
 class PredictionBatch(BaseModel):

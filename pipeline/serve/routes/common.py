@@ -87,10 +87,11 @@ def image_url(item_id: int) -> str:
 
 
 def prediction_json(p: Any, k: int) -> dict:
-    """A `Prediction` as the API's dict (non-finite floats become null when the response model serialises)."""
-    return {"label": int(p.label), "label_name": str(p.label_name), "method": p.method, "k": k,
-            "scores": {str(c): float(v) for c, v in p.scores.items()},
-            "neighbors": [{**vars(n), "image_url": image_url(n.id)} for n in p.neighbors]}
+    """A `Prediction` as the API's dict: every field of it (trust signals included), `k`, and each
+    neighbour's image URL (non-finite floats become null)."""
+    d = to_jsonable(p)
+    d.update(k=k, neighbors=[{**n, "image_url": image_url(n["id"])} for n in d["neighbors"]])
+    return d
 
 
 def hits(res: Any, row: int) -> List[dict]:
