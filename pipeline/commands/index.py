@@ -47,7 +47,9 @@ def cmd_plan(cfg: Config, args: argparse.Namespace) -> int:
     from pipeline.index.plan import plan_memory
 
     p = plan_memory(args.items, args.dim, args.ram_per_node, index_key=args.index_key,
-                    max_memory=args.max_memory, num_shards=args.shards, metric=cfg.index.metric)
+                    max_memory=args.max_memory, num_shards=args.shards, metric=cfg.index.metric,
+                    rerank=cfg.index.rerank, rerank_dtype=cfg.index.rerank_dtype,
+                    max_latency_ms=cfg.index.max_latency_ms)
     print(p.table())
     return 0
 
