@@ -201,8 +201,8 @@ def main() -> int:
         single_vecs = np.load(os.path.join(args.workdir, "single.vectors.npy"), mmap_mode="r")
     params = faiss.SearchParametersIVF(nprobe=m.nprobe)
 
-    def single_search(q):
-        _, I = single.search(q, max(args.k, m.rerank_k), params=params)
+    def single_search(q):  # re-ranks as many candidates as the router's shards together
+        _, I = single.search(q, max(args.k, m.rerank_k * args.shards), params=params)
         return rerank(q, I, sorted_ids, single_vecs, args.k)[1] if m.rerank_k else I[:, :args.k]
 
     sI = single_search(xq)
@@ -226,7 +226,7 @@ def main() -> int:
         "build_recall_table": m.recall,
     }
     if args.peers:
-        fig["peers"] = peers(args, all_x, xq, gt, fig)
+        fig["peers"] = peers(args, all_x, all_ids, xq, gt)
     print(json.dumps({k: v for k, v in fig.items() if k != "build_recall_table"}, indent=2))
     if args.peers:
         print(side_by_side(fig))
@@ -239,12 +239,17 @@ def main() -> int:
     return 0
 
 
-def peers(args, xb: np.ndarray, xq: np.ndarray, gt: np.ndarray, fig: dict) -> dict:
-    """Plain faiss on the same vectors and queries: IVF-PQ, IVF-PQ + IndexRefineFlat, IVF-RaBitQ + re-rank."""
+def peers(args, xb: np.ndarray, xids: np.ndarray, xq: np.ndarray, gt: np.ndarray) -> dict:
+    """Plain faiss on the same vectors and queries: IVF-PQ, IVF-PQ + IndexRefineFlat, IVF-RaBitQ + re-rank.
+
+    The peers number the vectors 0..n-1 (row order of `xb`); `xids` maps rows to the external ids of `gt`."""
     import faiss
 
-    from pipeline.index.recall import recall_at
+    from pipeline.index.recall import recall_at as recall_ext
     from pipeline.index.rerank import rerank
+
+    def recall_at(I, gt, k):
+        return recall_ext(np.where(I >= 0, xids[np.maximum(I, 0)], -1), gt, k)
 
     n, d, k, c = len(xb), xb.shape[1], args.k, args.peer_candidates
     rng = np.random.default_rng(2)

@@ -187,11 +187,14 @@ def format_table(rows: List[Dict[str, float]], chosen=None) -> str:
     """The settings table as text; marks rows flagged `chosen` (else rows whose nprobe equals `chosen`)."""
     flagged = any(r.get("chosen") for r in rows)
     K = int(rows[0].get("K", 100)) if rows else 100
-    lines = [f"nprobe  rerank_k  recall@10  recall@{K:<3d}  vote agree (k)  p50 ms/query  batch QPS"]
+    deep = K != 10  # a recall@K column only when votes read deeper than 10
+    lines = [f"nprobe  rerank_k  recall@10{f'  recall@{K:<3d}' if deep else ''}  vote agree (k)  p50 ms/query"
+             f"  batch QPS"]
     for r in rows:
         mark = r.get("chosen") if flagged else r["nprobe"] == chosen
         agree = f"{r['vote_agree']:.4f} ({r['vote_agree_k']})" if "vote_agree" in r else "-"
         rk = r.get(f"recall@{K}", r.get("recall@100", float("nan")))
-        lines.append(f"{r['nprobe']:>6}  {r.get('rerank_k', 0):>8}  {r['recall@10']:>9.4f}  {rk:>10.4f}  "
-                     f"{agree:>14}  {r['p50_ms']:>12.2f}  {r['qps']:>9.0f}{'  <- chosen' if mark else ''}")
+        lines.append(f"{r['nprobe']:>6}  {r.get('rerank_k', 0):>8}  {r['recall@10']:>9.4f}"
+                     f"{f'  {rk:>10.4f}' if deep else ''}  {agree:>14}  {r['p50_ms']:>12.2f}  {r['qps']:>9.0f}"
+                     f"{'  <- chosen' if mark else ''}")
     return "\n".join(lines)

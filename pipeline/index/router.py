@@ -98,6 +98,11 @@ class Router:
         self.version = self.manifest.version
         self.nprobe = int(nprobe or self.manifest.nprobe)
         self.rerank_k = int(self.manifest.rerank_k if rerank_k is None else rerank_k)
+        bare = [s.shard for s in self.manifest.shards if not s.vectors_path]
+        if self.rerank_k and bare:  # their scores stay approximate beside re-ranked exact ones
+            log.warning("memory v%s re-ranks %d candidates but shard(s) %s have no re-rank vectors file (written "
+                        "by an older compaction?): rebuild or compact to restore exact re-ranking", self.version,
+                        self.rerank_k, bare)
         self.keep_max = self.manifest.metric == "ip"
         self.use_ray = use_ray
         n = max(1, self.manifest.num_shards)
