@@ -200,3 +200,15 @@ def test_strict_recall_fails_the_build(reranked):
     with pytest.raises(UserError, match="strict_recall"):
         build_memory(strict, "train")
     assert ManifestStore(cfg.memory_dir).current_version() == m.version  # nothing committed
+
+
+def test_plan_counts_rerank_vectors_as_disk_not_ram():
+    from pipeline.index.plan import plan_memory
+
+    p = plan_memory("1e8", 256, "256GiB", index_key="IVF65536,PQ32x8")
+    assert p.rerank and p.bytes_per_item == 40 and p.disk_bytes_per_item == 256 * 4
+    assert p.total_disk_bytes == 10**8 * 1024 and "re-rank" in p.table() and "disk per item" in p.table()
+    half = plan_memory("1e8", 256, "256GiB", index_key="IVF65536,PQ32x8", rerank_dtype="float16")
+    assert half.disk_bytes_per_item == 512 and half.total_bytes == p.total_bytes  # RAM unchanged
+    exact = plan_memory("1e6", 64, "16GiB", index_key="IVF1024,Flat")
+    assert not exact.rerank and exact.disk_bytes_per_item == 0
