@@ -59,7 +59,7 @@ def test_small_memories_get_flat_and_large_ones_ivf():
     assert choose_index(None, 1000, 64, 256 * mib, 50, rerank="true", scan_ms=1e-6).rerank
     assert choose_index(None, 10, 8, 10**6, 50, explicit_key="IVF4,PQ2x4").kind == "explicit"
     assert code_is_exact("IVF1,Flat") and not code_is_exact("IVF1,SQ8") and not code_is_exact("OPQ8_64,IVF4,Flat")
-    assert 0 < scan_ms_per_item(64, probe_items=2000) < 1  # measured: milliseconds per item, far below 1
+    assert 0 < scan_ms_per_item(64, probe_bytes=8 << 20) < 1  # measured: milliseconds per item, far below 1
 
 
 def rows_of(*specs):

@@ -16,8 +16,9 @@ IVF-PQ whose code caps recall even when the budget could afford more. `resolve_i
 nlist = autofaiss's recommendation for n (about 4*sqrt(n), 2^14..2^17 beyond 1M), capped so the training
 sample holds at least 39 points per list (faiss's k-means minimum).
 
-`choose_index` puts the size rule in front (IVF only where it pays): when an exhaustive scan of all n vectors
-takes at most half of `index.max_latency_ms` (measured on this machine: `scan_ms_per_item`), the memory gets
+`choose_index` puts the size rule in front (IVF only where it pays): when an exhaustive scan of all n float
+vectors takes at most half of `index.max_latency_ms` (measured on this machine over more vectors than CPU
+caches hold: `scan_ms_per_item`), the memory gets
 ONE list, i.e. exact search: `IVF1,Flat` when the budget holds float vectors, else `IVF1,SQ8` / `IVF1,PQm`
 with exact re-ranking. A one-list IVF *is* a flat index with ids (same scan, same distances), and keeps what
 the memory relies on: one shared trained index, `remove_ids`, id selectors, inverted lists to verify erasure.
@@ -100,26 +101,26 @@ def code_is_exact(key: str) -> bool:
     return key.replace(" ", "").endswith(",Flat") and not key.startswith(("OPQ", "PCA"))
 
 
-def scan_ms_per_item(d: int, probe_items: int = 20000, repeats: int = 5) -> float:
-    """Milliseconds one query needs per stored item in an exhaustive inner-product scan (measured, 1 thread)."""
+def scan_ms_per_item(d: int, probe_bytes: int = 256 << 20, repeats: int = 3) -> float:
+    """Milliseconds one query needs per stored item in an exhaustive inner-product scan of float vectors
+    (measured on 1 thread over `probe_bytes` of vectors: more than CPU caches hold, as a real memory's are)."""
     import faiss
 
-    rng = np.random.default_rng(0)
-    xb = rng.standard_normal((probe_items, int(d)), dtype=np.float32)
-    index = faiss.IndexFlatIP(int(d))
-    index.add(xb)
-    q = xb[:1]
+    n = max(1000, int(probe_bytes) // (4 * int(d)))
+    xb = np.ones((n, int(d)), dtype=np.float32)  # values do not change the scan's speed
+    q = np.ones((1, int(d)), dtype=np.float32)
     threads = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)
     try:
+        faiss.knn(q, xb, 10, metric=faiss.METRIC_INNER_PRODUCT)  # first touch of the pages
         best = float("inf")
         for _ in range(repeats):
             t = time.perf_counter()
-            index.search(q, 10)
+            faiss.knn(q, xb, 10, metric=faiss.METRIC_INNER_PRODUCT)
             best = min(best, time.perf_counter() - t)
     finally:
         faiss.omp_set_num_threads(threads)
-    return best * 1000 / probe_items
+    return best * 1000 / n
 
 
 @dataclass
