@@ -81,8 +81,9 @@ class IndexConfig:
     train_sample: int = 100000
     metric: str = "ip"  # ip (cosine on L2-normalised features) | l2
     # recall target of the search settings the build picks (nprobe, rerank_k): recall@10 AND recall@K, where
-    # K = max(memory.k, eval.ks), the deepest neighbour list a vote reads; see README "Index choice and recall"
-    target_recall: float = 0.95
+    # K = max(memory.k, eval.ks), the deepest neighbour list a vote reads; see README "Index choice and recall".
+    # 0.99: on Fashion-MNIST 60k, recall@100 0.97 left ANN accuracy 0.5 points below exact, 0.995 0.25 points
+    target_recall: float = 0.99
     strict_recall: bool = False  # true: the build fails (UserError) when no setting reaches target_recall
     # p50 single-query latency budget: memories whose exhaustive scan fits it get one list (exact "Flat")
     max_latency_ms: float = 50.0

@@ -71,6 +71,10 @@ def test_choose_setting_cheapest_reaching_target_else_best_never_lower(caplog):
     rows = rows_of((1, 100, 0.90, 1.0), (1, 200, 0.96, 1.5), (2, 100, 0.97, 1.2), (8, 400, 0.995, 90.0))
     row, status = choose_setting(rows, 0.95, 50)
     assert (row["nprobe"], row["rerank_k"]) == (2, 100) and status == "target met"  # lowest p50 that reaches it
+    noisy = rows_of((16, 100, 0.97, 24.0), (32, 100, 0.995, 5.0), (8, 400, 0.96, 3.0))
+    row, _ = choose_setting(noisy, 0.95, 50)  # (32, 100) costs more than (16, 100) whatever its p50 sample says
+    assert (row["nprobe"], row["rerank_k"]) == (8, 400)  # ... while (8, 400) vs (16, 100) is for latency to decide
+    assert choose_setting(noisy[:2], 0.95, 50)[0]["nprobe"] == 16
     with caplog.at_level(logging.WARNING):
         row, status = choose_setting(rows, 0.99, 50)  # 0.995 only beyond the budget: best in budget
     assert row["recall"] == 0.97 and "below target" in status and "rerank" in caplog.text

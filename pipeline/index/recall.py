@@ -7,8 +7,8 @@ top-k ids found), `recall` = the smaller of the two, `vote_agree` = the lowest r
 k <= K, at which the plurality vote of the ANN neighbours equals the vote of the exact neighbours, the p50
 latency of a single-query search and the batch throughput.
 
-`choose_setting` takes the cheapest (lowest p50) setting whose `recall` reaches the target within the latency
-budget; when none does, the BEST recall within the budget (never a lower one; over budget only when nothing
+`choose_setting` takes the cheapest setting whose `recall` reaches the target within the latency budget
+(lowest p50 among those not dominated by one with fewer lists and fewer candidates); when none does, the BEST recall within the budget (never a lower one; over budget only when nothing
 fits), and says so; `strict=True` raises a UserError instead.
 """
 from __future__ import annotations
@@ -163,7 +163,13 @@ def choose_setting(rows: List[Dict[str, float]], target: float, max_latency_ms: 
     pool = in_budget or rows
     ok = [r for r in pool if recall(r) >= target]
     if ok:
-        best = min(ok, key=lambda r: (r["p50_ms"], r["nprobe"], r.get("rerank_k", 0)))
+        # A setting with both fewer lists and fewer candidates than another costs less whatever one noisy
+        # latency sample says: compare p50 only among the settings no other one dominates.
+        def dominated(r):
+            return any(o is not r and o["nprobe"] <= r["nprobe"] and o.get("rerank_k", 0) <= r.get("rerank_k", 0)
+                       for o in ok)
+        front = [r for r in ok if not dominated(r)] or ok
+        best = min(front, key=lambda r: (r["p50_ms"], r["nprobe"], r.get("rerank_k", 0)))
         return best, "target met"
     best = max(pool, key=lambda r: (recall(r), -r["p50_ms"]))
     where = "within" if in_budget else "and no setting is within"
