@@ -8,8 +8,9 @@ k <= K, at which the plurality vote of the ANN neighbours equals the vote of the
 latency of a single-query search and the batch throughput.
 
 `choose_setting` takes the cheapest setting whose `recall` reaches the target within the latency budget
-(lowest p50 among those not dominated by one with fewer lists and fewer candidates); when none does, the BEST recall within the budget (never a lower one; over budget only when nothing
-fits), and says so; `strict=True` raises a UserError instead.
+(lowest p50 among those not dominated by one with fewer lists and fewer candidates); when none does, the
+BEST recall within the budget (never a lower one; over budget only when nothing fits), and says so;
+`strict=True` raises a UserError instead.
 """
 from __future__ import annotations
 
