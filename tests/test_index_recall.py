@@ -55,6 +55,8 @@ def test_small_memories_get_flat_and_large_ones_ivf():
     big = choose_index("OPQ32_224,IVF4096_HNSW32,PQ32x8", 1_000_000, 256, 48_000_000, max_latency_ms=50,
                        train_n=200_000, scan_ms=1e-4)  # a 100 ms scan: IVF pays
     assert big.kind == "ivf" and big.key.startswith("OPQ32_224,IVF4096") and big.rerank and "IVF" in big.reason
+    pq = choose_index(None, 200_000, 256, 200_000 * 48, max_latency_ms=50, train_n=100_000, scan_ms=1e-5)
+    assert pq.kind == "ivf" and "PQ32" in pq.key and pq.rerank and "only PQ codes fit" in pq.reason  # not IVF1,PQ
     assert not choose_index(None, 1000, 64, mib, 50, rerank="false", scan_ms=1e-6).rerank
     assert choose_index(None, 1000, 64, 256 * mib, 50, rerank="true", scan_ms=1e-6).rerank
     assert choose_index(None, 10, 8, 10**6, 50, explicit_key="IVF4,PQ2x4").kind == "explicit"

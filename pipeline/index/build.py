@@ -3,7 +3,7 @@
 Steps (each a logged phase):
  1. scan the embedding parts (ids only): n, dim, a fingerprint of the inputs; ids must be unique.
  2. choose the index (`pipeline.index.keys.choose_index`): explicit `index.index_key`; else one list (exact
-    "Flat", or compressed codes + re-rank) when an exhaustive scan fits half of `index.max_latency_ms`; else
+    "Flat", or SQ8 codes + re-rank) when an exhaustive scan fits half of `index.max_latency_ms`; else
     autofaiss's choice under `index.max_index_memory` passed through the IVF rule. The choice and its reason
     are logged and recorded in the manifest (`build.index_choice`). Refuse (UserError with numbers) if one
     shard will not fit `index.memory_per_node` (`pipeline.index.plan`'s estimate).

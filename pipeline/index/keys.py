@@ -18,10 +18,11 @@ sample holds at least 39 points per list (faiss's k-means minimum).
 
 `choose_index` puts the size rule in front (IVF only where it pays): when an exhaustive scan of all n float
 vectors takes at most half of `index.max_latency_ms` (measured on this machine over more vectors than CPU
-caches hold: `scan_ms_per_item`), the memory gets
-ONE list, i.e. exact search: `IVF1,Flat` when the budget holds float vectors, else `IVF1,SQ8` / `IVF1,PQm`
-with exact re-ranking. A one-list IVF *is* a flat index with ids (same scan, same distances), and keeps what
-the memory relies on: one shared trained index, `remove_ids`, id selectors, inverted lists to verify erasure.
+caches hold: `scan_ms_per_item`), the memory gets ONE list: `IVF1,Flat` (exact search) when the budget holds
+float vectors, else `IVF1,SQ8` with exact re-ranking. When only PQ codes fit the budget the memory is large
+for it: IVF + re-rank (a full PQ scan per query would cost far more than probing a few lists). A one-list IVF
+*is* a flat index with ids (same scan, same distances), and keeps what the memory relies on: one shared
+trained index, `remove_ids`, id selectors, inverted lists to verify erasure.
 """
 from __future__ import annotations
 
@@ -150,20 +151,19 @@ def choose_index(auto_key: Optional[str], n: int, d: int, budget_bytes: int, max
     per_scan = scan_ms_per_item(d) if scan_ms is None else float(scan_ms)
     est = per_scan * n
     scan = f"an exhaustive scan of {n:,} x {d} takes ~{est:.2f} ms/query here"
-    if est <= max_latency_ms / 2:
+    fits_scan = est <= max_latency_ms / 2
+    if fits_scan and per_item >= d + ID_BYTES:
         if per_item >= 4 * d + ID_BYTES:
             key, kind, code = "IVF1,Flat", "flat", "float vectors fit the budget: exact search"
-        elif per_item >= d + ID_BYTES:
-            key, kind, code = "IVF1,SQ8", "scan", "8-bit codes fit the budget, float vectors do not"
         else:
-            m = _largest_pq(d, per_item - ID_BYTES)
-            if m is None:
-                raise UserError(f"a memory budget of {budget_bytes} bytes for {n} items of dimension {d} leaves "
-                                f"{per_item:.1f} bytes per item: not even a 4-byte PQ code fits; raise "
-                                f"index.max_index_memory")
-            key, kind, code = f"IVF1,PQ{m}x8", "scan", f"{m}-byte PQ codes fit the budget"
-        reason = (f"{scan} <= half of index.max_latency_ms ({max_latency_ms:g}): one list (no IVF); {code}")
+            key, kind, code = "IVF1,SQ8", "scan", "8-bit codes fit the budget (float vectors do not): re-rank"
+        reason = f"{scan} <= half of index.max_latency_ms ({max_latency_ms:g}): one list (no IVF); {code}"
         return IndexChoice(key, kind, reason, _rerank_on(rerank, key))
+    key = resolve_index_key(auto_key, n, d, budget_bytes, train_n)
+    if fits_scan:  # a full PQ scan per query would cost ~nlist / nprobe times an IVF's work for the same recall
+        reason = (f"{scan}, but only PQ codes fit the budget ({per_item:.0f} bytes per item): IVF with "
+                  f"{key_cost(key, d).nlist} lists and re-rank, not a full scan of the codes per query")
+        return IndexChoice(key, "ivf", reason, _rerank_on(rerank, key))
     key = resolve_index_key(auto_key, n, d, budget_bytes, train_n)
     reason = (f"{scan} > half of index.max_latency_ms ({max_latency_ms:g}): IVF with "
               f"{key_cost(key, d).nlist} lists; codes from {per_item:.0f} budget bytes per item")
