@@ -2,10 +2,20 @@
 
   .venv/bin/python benchmarks/index_scale.py --items 5000000 --dim 256 --shards 4        (the full run)
   .venv/bin/python benchmarks/index_scale.py --items 200000 --dim 256 --shards 4          (a quick run)
+  .venv/bin/python benchmarks/index_scale.py --data hard --items 1M --queries 2000 --bytes-per-item 48 --peers
+                                                    (issue #11: hard data, the project beside plain faiss peers)
+
+Data: `latent` (default) = clusters in a 24-d subspace lifted to `dim` (image embeddings have a low intrinsic
+dimension); `hard` = L2-normalised points around 4096 random unit centres with isotropic noise in all `dim`
+directions (`--noise`), so a point's neighbours are nearly equidistant and PQ codes alone cap recall.
 
 Prints: build time, bytes/item (target <= PQ code size + 16), recall@10 vs exact search (exact = faiss flat over
 all vectors in chunks), router QPS (batched) and p50/p99 single-query latency, and the same figures for ONE
-faiss index holding all vectors (same trained index, same nprobe) in the same run, with the router/single ratio.
+faiss index holding all vectors (same trained index, same nprobe, same re-rank depth) in the same run, with
+the router/single ratio. `--peers` adds, in the same run and on the same vectors and queries: plain faiss
+`IVF4096,PQ32` at nprobe 16, the same + `IndexRefineFlat` (100 candidates re-ranked from float vectors in
+RAM) and `IVF4096,RaBitQ` + this project's re-rank (100 candidates, vectors on disk), and prints one table:
+recall@10, QPS, RAM bytes/item, disk bytes/item, build seconds.
 Writes the figures as JSON next to the memory (`<workdir>/index_scale.json`).
 """
 from __future__ import annotations
@@ -60,6 +70,35 @@ def write_data(emb_dir: str, n: int, dim: int, rows_per_part: int, seed: int = 0
     return clustered(rng, space, 10000, 0.35)
 
 
+def hard_space(rng, dim: int, centers: int = 4096) -> np.ndarray:
+    c = rng.standard_normal((centers, dim), dtype=np.float32)
+    return c / np.linalg.norm(c, axis=1, keepdims=True)
+
+
+def hard(rng, centers: np.ndarray, n: int, noise: float):
+    """(unit vectors, cluster labels): centres + isotropic noise of norm ~`noise` in every dimension."""
+    lab = rng.integers(0, len(centers), n)
+    x = centers[lab] + (noise / np.sqrt(centers.shape[1])) * rng.standard_normal((n, centers.shape[1]),
+                                                                                 dtype=np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True), lab
+
+
+def write_hard(emb_dir: str, n: int, dim: int, rows_per_part: int, noise: float, seed: int = 0):
+    from tqdm import tqdm
+
+    rng = np.random.default_rng(seed)
+    centers = hard_space(rng, dim)
+    os.makedirs(emb_dir, exist_ok=True)
+    for p, start in enumerate(tqdm(range(0, n, rows_per_part), desc="write parts", unit="part")):
+        m = min(rows_per_part, n - start)
+        x, lab = hard(rng, centers, m, noise)
+        ids = np.arange(start, start + m, dtype=np.int64) * 2654435761 % (1 << 61) + 1
+        meta = {"id": ids, "key": [""] * m, "label": lab, "label_name": [""] * m, "source": [""] * m,
+                "shard": [""] * m}
+        write_part(to_table(meta, x), os.path.join(emb_dir, f"part-{p:05d}.parquet"))
+    return hard(rng, centers, 10000, noise)[0]
+
+
 def latencies(fn, xq, n):
     out = []
     for q in xq[:n]:
@@ -89,6 +128,12 @@ def main() -> int:
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--workdir", default="/tmp/vmem-index-scale")
+    ap.add_argument("--data", choices=("latent", "hard"), default="latent", help="synthetic data kind (see above)")
+    ap.add_argument("--noise", type=float, default=0.5, help="hard data: norm of the isotropic noise")
+    ap.add_argument("--peers", action="store_true", help="also measure plain faiss IVF-PQ, + refine, RaBitQ")
+    ap.add_argument("--peer-nprobe", type=int, default=16)
+    ap.add_argument("--peer-candidates", type=int, default=100)
+    ap.add_argument("--peer-pq", type=int, default=32, help="PQ code bytes of the faiss peers")
     ap.add_argument("--keep", action="store_true", help="keep the generated data and memory")
     args = ap.parse_args()
 
@@ -99,6 +144,7 @@ def main() -> int:
     from pipeline.index.keys import key_cost
     from pipeline.index.manifest import ManifestStore
     from pipeline.index.recall import exact_knn, recall_at
+    from pipeline.index.rerank import rerank
     from pipeline.index.router import Router
     from pipeline.index.shard import read_index
     from pipeline.index.train import add_vectors
@@ -109,13 +155,17 @@ def main() -> int:
     shutil.rmtree(args.workdir, ignore_errors=True)
     overrides = [f"workdir={args.workdir}", f"index.num_shards={args.shards}", "index.recall_queries=200",
                  f"index.max_index_memory={n * args.bytes_per_item}", f"index.train_sample={args.train_sample}",
-                 "index.memory_per_node=64GiB", f"ray.num_cpus={os.cpu_count()}", "index.build_batch_rows=100000"]
+                 "index.memory_per_node=64GiB", f"ray.num_cpus={os.cpu_count()}", "index.build_batch_rows=100000",
+                 f"memory.k={args.k}", f"eval.ks=[{args.k}]"]  # recall measured where this run's votes are: @k
     if args.index_key:
         overrides.append(f"index.index_key={args.index_key}")
     cfg = load_config(None, overrides)
     emb_dir = cfg.embeddings_dir("train")
     t = time.perf_counter()
-    pool = write_data(emb_dir, n, d, rows_per_part=250000)
+    if args.data == "hard":
+        pool = write_hard(emb_dir, n, d, rows_per_part=250000, noise=args.noise)
+    else:
+        pool = write_data(emb_dir, n, d, rows_per_part=250000)
     gen_s = time.perf_counter() - t
     xq = np.ascontiguousarray(pool[: args.queries])
 
@@ -137,16 +187,34 @@ def main() -> int:
     store = ManifestStore(cfg.memory_dir)
     single = read_index(store.url(m.trained_path), m.trained_sha256, mmap=False)
     t = time.perf_counter()
+    all_ids, all_x = [], []
     for x, ids in vector_batches(emb_dir, 250000):
         add_vectors(single, x, ids)
+        all_ids.append(ids)
+        all_x.append(x)
     single_add_s = time.perf_counter() - t
-    faiss.extract_index_ivf(single).nprobe = m.nprobe
-    _, sI = single.search(xq, args.k)
-    s_qps = qps(lambda q: single.search(q, args.k), xq)
-    s_p50, s_p99 = latencies(lambda q: single.search(q, args.k), xq, 200)
+    all_ids, all_x = np.concatenate(all_ids).astype(np.int64), np.concatenate(all_x)
+    order = np.argsort(all_ids)
+    sorted_ids, single_vecs = all_ids[order], None
+    if m.rerank_k:  # the same re-rank stage over one vectors file holding every item, memory-mapped
+        np.save(os.path.join(args.workdir, "single.vectors.npy"), all_x[order])
+        single_vecs = np.load(os.path.join(args.workdir, "single.vectors.npy"), mmap_mode="r")
+    params = faiss.SearchParametersIVF(nprobe=m.nprobe)
+
+    def single_search(q):  # re-ranks as many candidates as the router's shards together
+        _, I = single.search(q, max(args.k, m.rerank_k * args.shards), params=params)
+        return rerank(q, I, sorted_ids, single_vecs, args.k)[1] if m.rerank_k else I[:, :args.k]
+
+    sI = single_search(xq)
+    s_qps = qps(single_search, xq)
+    s_p50, s_p99 = latencies(single_search, xq, 200)
+    disk_bytes = sum(os.path.getsize(store.url(rel)) for e in m.shards for rel, _ in e.files())
 
     fig = {
-        "items": n, "dim": d, "shards": args.shards, "index_key": m.index_key, "nprobe": m.nprobe,
+        "items": n, "dim": d, "data": args.data, "noise": args.noise if args.data == "hard" else None,
+        "shards": args.shards, "index_key": m.index_key, "nprobe": m.nprobe, "rerank_k": m.rerank_k,
+        "index_choice": m.build.get("index_choice"), "recall_status": m.build.get("recall_status"),
+        "disk_bytes_per_item": round(disk_bytes / n, 2), "queries": len(xq),
         "cpus": os.cpu_count(), "generate_s": round(gen_s, 1), "build_s": round(build_s, 1),
         "build_timings": m.build.get("timings"), "bytes_per_item": round(m.build["bytes_per_item"], 2),
         "code_size": int(ivf_code), "bytes_per_item_target": int(ivf_code) + 16,
@@ -157,7 +225,11 @@ def main() -> int:
         "single_add_s": round(single_add_s, 1), "router_vs_single_qps": round(r_qps / s_qps, 3),
         "build_recall_table": m.recall,
     }
+    if args.peers:
+        fig["peers"] = peers(args, all_x, all_ids, xq, gt)
     print(json.dumps({k: v for k, v in fig.items() if k != "build_recall_table"}, indent=2))
+    if args.peers:
+        print(side_by_side(fig))
     with open(os.path.join(args.workdir, "index_scale.json"), "w") as f:
         json.dump(fig, f, indent=2)
     ray.shutdown()
@@ -165,6 +237,85 @@ def main() -> int:
         shutil.rmtree(os.path.join(args.workdir, "embeddings"), ignore_errors=True)
         shutil.rmtree(os.path.join(args.workdir, "memory"), ignore_errors=True)
     return 0
+
+
+def peers(args, xb: np.ndarray, xids: np.ndarray, xq: np.ndarray, gt: np.ndarray) -> dict:
+    """Plain faiss on the same vectors and queries: IVF-PQ, IVF-PQ + IndexRefineFlat, IVF-RaBitQ + re-rank.
+
+    The peers number the vectors 0..n-1 (row order of `xb`); `xids` maps rows to the external ids of `gt`."""
+    import faiss
+
+    from pipeline.index.recall import recall_at as recall_ext
+    from pipeline.index.rerank import rerank
+
+    def recall_at(I, gt, k):
+        return recall_ext(np.where(I >= 0, xids[np.maximum(I, 0)], -1), gt, k)
+
+    n, d, k, c = len(xb), xb.shape[1], args.k, args.peer_candidates
+    rng = np.random.default_rng(2)
+    xt = xb[rng.choice(n, size=min(n, args.train_sample), replace=False)]
+    nlist = 4096
+    out = {}
+    t = time.perf_counter()
+    pq = faiss.index_factory(d, f"IVF{nlist},PQ{args.peer_pq}", faiss.METRIC_INNER_PRODUCT)
+    pq.train(xt)
+    pq.add(xb)
+    pq_build = time.perf_counter() - t
+    pq_bytes = len(faiss.serialize_index(pq))
+    params = faiss.SearchParametersIVF(nprobe=args.peer_nprobe)
+    _, I = pq.search(xq, k, params=params)
+    out[f"faiss IVF{nlist},PQ{args.peer_pq} nprobe {args.peer_nprobe}"] = {
+        "recall@10": recall_at(I, gt, 10), "qps": round(qps(lambda q: pq.search(q, k, params=params), xq)),
+        "ram_bytes_per_item": round(pq_bytes / n, 1), "disk_bytes_per_item": 0.0, "build_s": round(pq_build, 1)}
+    t = time.perf_counter()
+    refine = faiss.IndexRefineFlat(pq, faiss.swig_ptr(np.ascontiguousarray(xb)))  # float vectors in RAM
+    refine_build = pq_build + time.perf_counter() - t
+    rparams = faiss.IndexRefineSearchParameters(k_factor=c / k, base_index_params=params)
+    _, I = refine.search(xq, k, params=rparams)
+    out[f"faiss IVF{nlist},PQ{args.peer_pq} + IndexRefineFlat ({c} cand.)"] = {
+        "recall@10": recall_at(I, gt, 10), "qps": round(qps(lambda q: refine.search(q, k, params=rparams), xq)),
+        "ram_bytes_per_item": round((pq_bytes + 4 * d * n) / n, 1), "disk_bytes_per_item": 0.0,
+        "build_s": round(refine_build, 1)}
+    t = time.perf_counter()
+    rbq = faiss.IndexIVFRaBitQ(faiss.downcast_index(pq.quantizer), d, nlist, faiss.METRIC_INNER_PRODUCT)
+    rbq.own_fields = False
+    rbq.train(xt)
+    rbq.add(xb)
+    rbq_build = time.perf_counter() - t
+    ids = np.arange(n, dtype=np.int64)
+    rb = faiss.IVFRaBitQSearchParameters()
+    rb.nprobe = args.peer_nprobe
+
+    def rbq_search(q):
+        _, I = rbq.search(q, c, params=rb)
+        return rerank(q, I, ids, xb, k)[1]
+
+    out[f"faiss IVF{nlist},RaBitQ + re-rank ({c} cand.)"] = {
+        "recall@10": recall_at(rbq_search(xq), gt, 10), "qps": round(qps(rbq_search, xq)),
+        "ram_bytes_per_item": round(len(faiss.serialize_index(rbq)) / n, 1),
+        "disk_bytes_per_item": 4.0 * d, "build_s": round(rbq_build, 1)}  # + the PQ peer's quantizer
+    return out
+
+
+def side_by_side(fig: dict) -> str:
+    rows = [(f"vmem build + router ({fig['index_key']}, nprobe {fig['nprobe']}, rerank_k {fig['rerank_k']})",
+             {"recall@10": fig["router_recall@10"], "qps": fig["router_qps"],
+              "ram_bytes_per_item": fig["bytes_per_item"], "disk_bytes_per_item": fig["disk_bytes_per_item"],
+              "build_s": fig["build_s"]}),
+            ("vmem one index, same vectors and settings",
+             {"recall@10": fig["single_recall@10"], "qps": fig["single_qps"], "ram_bytes_per_item": None,
+              "disk_bytes_per_item": None, "build_s": None})] + list(fig["peers"].items())
+    head = f"{'system':78s} {'recall@10':>9s} {'QPS':>8s} {'RAM B/it':>9s} {'disk B/it':>9s} {'build s':>8s}"
+    lines = [head, "-" * len(head)]
+    for name, r in rows:
+        def f(v, fmt):
+            return format(v, fmt) if v is not None else "-"
+        lines.append(f"{name[:78]:78s} {r['recall@10']:>9.4f} {r['qps']:>8} {f(r['ram_bytes_per_item'], '9.1f'):>9s} "
+                     f"{f(r['disk_bytes_per_item'], '9.1f'):>9s} {f(r['build_s'], '8.1f'):>8s}")
+    refine = [r for name, r in fig["peers"].items() if "Refine" in name][0]
+    lines.append(f"ratios: vmem QPS / refine peer QPS = {fig['router_qps'] / refine['qps']:.2f} (target >= 0.5); "
+                 f"router / one index = {fig['router_vs_single_qps']:.2f} (target >= 0.7)")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,13 @@ def cmd_build(cfg: Config, args: argparse.Namespace) -> int:
     m = build_memory(cfg, args.split)
     print(f"memory v{m.version}: {m.count:,} items x {m.dim}-d in {m.num_shards} shards, {m.index_key}, "
           f"{format_bytes(m.build.get('index_bytes', 0))} ({m.build.get('bytes_per_item', 0):.1f} B/item)")
-    print(f"recall vs exact search ({m.build.get('recall_queries')}):")
+    choice = m.build.get("index_choice", {})
+    print(f"index choice: {choice.get('kind', '?')}: {choice.get('reason', '')}")
+    if m.rerank_k:
+        print(f"re-rank: {m.rerank_k} candidates per shard, exact similarities from "
+              f"{format_bytes(m.build.get('disk_bytes', 0))} on disk ({m.build.get('disk_bytes_per_item', 0):.1f} "
+              f"B/item with index and metadata)")
+    print(f"recall vs exact search ({m.build.get('recall_queries')}), {m.build.get('recall_status', '')}:")
     print(format_table(m.recall, m.nprobe))
     return 0
 
@@ -41,7 +47,9 @@ def cmd_plan(cfg: Config, args: argparse.Namespace) -> int:
     from pipeline.index.plan import plan_memory
 
     p = plan_memory(args.items, args.dim, args.ram_per_node, index_key=args.index_key,
-                    max_memory=args.max_memory, num_shards=args.shards, metric=cfg.index.metric)
+                    max_memory=args.max_memory, num_shards=args.shards, metric=cfg.index.metric,
+                    rerank=cfg.index.rerank, rerank_dtype=cfg.index.rerank_dtype,
+                    max_latency_ms=cfg.index.max_latency_ms)
     print(p.table())
     return 0
 

@@ -2,14 +2,18 @@
 
 Steps (each a logged phase):
  1. scan the embedding parts (ids only): n, dim, a fingerprint of the inputs; ids must be unique.
- 2. choose the key (`pipeline.index.keys`): explicit `index.index_key`, else autofaiss's choice under
-    `index.max_index_memory` passed through the IVF rule; refuse (UserError with numbers) if one shard will not
-    fit `index.memory_per_node` (`pipeline.index.plan`'s estimate).
+ 2. choose the index (`pipeline.index.keys.choose_index`): explicit `index.index_key`; else one list (exact
+    "Flat", or SQ8 codes + re-rank) when an exhaustive scan fits half of `index.max_latency_ms`; else
+    autofaiss's choice under `index.max_index_memory` passed through the IVF rule. The choice and its reason
+    are logged and recorded in the manifest (`build.index_choice`). Refuse (UserError with numbers) if one
+    shard will not fit `index.memory_per_node` (`pipeline.index.plan`'s estimate).
  3. train on a random sample of `index.train_sample` vectors (`pipeline.index.train.train_index`) and store the
     trained EMPTY index at `trained/<sha256>.index`.
  4. populate `index.num_shards` shards in parallel as Ray tasks: shard s holds the items with id % N == s, added
-    with `add_with_ids` under their external ids; files written atomically, see `pipeline.index.shard`.
- 5. measure recall@10/@100 against exact search on held-out queries, choose nprobe (`pipeline.index.recall`).
+    with `add_with_ids` under their external ids, plus (re-rank on) its vectors file; files written
+    atomically, see `pipeline.index.shard`.
+ 5. measure recall@10 and @K (K = max(memory.k, eval.ks)) and plurality-vote agreement against exact search
+    on held-out queries over nprobe x re-rank depth; choose the setting (`pipeline.index.recall`).
  6. commit the manifest (`ManifestStore.commit`): only now does the new version become CURRENT.
 
 Resume: the new version's folder `shards/vN/` gets `_build.json` (inputs fingerprint, key, trained index) before
@@ -35,9 +39,9 @@ from pipeline import storage
 from pipeline.embed.parts import MANIFEST_NAME, embeddings_of, iter_embedding_batches, part_urls, schema
 from pipeline.errors import DataError, NotFound, UserError
 from pipeline.index import train as tr
-from pipeline.index.keys import autofaiss_key, bytes_per_shard, key_cost, resolve_index_key
+from pipeline.index.keys import IndexChoice, autofaiss_key, bytes_per_shard, choose_index, key_cost
 from pipeline.index.manifest import Manifest, ManifestStore, ShardEntry, version_name
-from pipeline.index.recall import choose_nprobe, exact_knn, format_table, recall_table
+from pipeline.index.recall import (choose_setting, exact_knn, format_table, rerank_ladder, settings_table)
 from pipeline.index.shard import mark_writing, read_index, save_shard, sha256_bytes, verify
 from pipeline.index.units import format_bytes, parse_bytes
 from pipeline.runtime import phase
@@ -144,11 +148,11 @@ def query_vectors(cfg, emb_dir: str, n: int, dim: int, train_pos: np.ndarray) ->
 
 def populate_shard(memory_dir: str, version: int, shard: int, num_shards: int, trained_url: str,
                    trained_sha: str, emb_dir: str, batch_rows: int,
-                   exclude: Optional[np.ndarray] = None) -> Dict[str, Any]:
+                   exclude: Optional[np.ndarray] = None, rerank_dtype: Optional[str] = None) -> Dict[str, Any]:
     """Fill one shard (ids with id % num_shards == shard, minus `exclude`) from the trained index; write it;
-    return its entry."""
+    return its entry. With `rerank_dtype` the shard also gets its re-rank vectors file (stored as that dtype)."""
     index = read_index(trained_url, trained_sha, mmap=False)
-    metas = []
+    metas, vecs = [], []
     exclude = np.zeros(0, np.int64) if exclude is None else exclude
     for batch in iter_embedding_batches(emb_dir, batch_rows):
         ids = batch.column("id").to_numpy()
@@ -156,11 +160,18 @@ def populate_shard(memory_dir: str, version: int, shard: int, num_shards: int, t
         sub = batch.filter(pa.array(mask))
         if sub.num_rows == 0:
             continue
-        tr.add_vectors(index, embeddings_of(sub), sub.column("id").to_numpy())
+        xb = embeddings_of(sub)
+        tr.add_vectors(index, xb, sub.column("id").to_numpy())
         metas.append(sub.drop_columns(["embedding"]))
+        if rerank_dtype:
+            vecs.append(xb.astype(rerank_dtype))  # kept in the stored dtype: half the RAM for float16
     meta = pa.concat_tables(metas) if metas else schema(index.d).empty_table().drop_columns(["embedding"])
-    entry = save_shard(memory_dir, version, shard, index, meta)
-    done = {"entry": entry.__dict__, "trained_sha256": trained_sha}
+    vectors = None
+    if rerank_dtype:
+        vectors = np.concatenate(vecs) if vecs else np.zeros((0, index.d), rerank_dtype)
+    entry = save_shard(memory_dir, version, shard, index, meta, vectors=vectors,
+                       rerank_dtype=rerank_dtype or "float32")
+    done = {"entry": entry.__dict__, "trained_sha256": trained_sha, "rerank_dtype": rerank_dtype}
     storage.atomic_write_json(storage.join(memory_dir, _done_path(version, shard)), done)
     return entry.__dict__
 
@@ -178,18 +189,20 @@ def _plan_path(version: int) -> str:
     return f"shards/{version_name(version)}/_build.json"
 
 
-def _finished(memory_dir: str, version: int, shard: int, trained_sha: str) -> Optional[ShardEntry]:
-    """The entry of an already-populated shard whose files still match their checksums, else None."""
+def _finished(memory_dir: str, version: int, shard: int, trained_sha: str,
+              rerank_dtype: Optional[str] = None) -> Optional[ShardEntry]:
+    """The entry of an already-populated shard (same trained index, same re-rank file dtype or none) whose
+    files still match their checksums, else None."""
     url = storage.join(memory_dir, _done_path(version, shard))
     if not storage.exists(url):
         return None
     try:
         done = storage.read_json(url)
-        if done.get("trained_sha256") != trained_sha:
+        if done.get("trained_sha256") != trained_sha or done.get("rerank_dtype") != rerank_dtype:
             return None
         e = ShardEntry(**done["entry"])
-        verify(storage.join(memory_dir, e.path), e.sha256)
-        verify(storage.join(memory_dir, e.meta_path), e.meta_sha256)
+        for rel, sha in e.files():
+            verify(storage.join(memory_dir, rel), sha)
         return e
     except (UserError, ValueError, KeyError, TypeError) as err:
         log.info("shard %d of %s will be rebuilt (%s)", shard, version_name(version), err)
@@ -199,8 +212,11 @@ def _finished(memory_dir: str, version: int, shard: int, trained_sha: str) -> Op
 # ---------------------------------------------------------------- the build
 
 def _train_or_resume(cfg, store: ManifestStore, version: int, fingerprint: str, key: str, n: int, dim: int,
-                     train_pos: np.ndarray, emb_dir: str) -> Tuple[str, str, str]:
-    """(trained path rel, sha256, trainer); reuses the trained index of an interrupted build of the same inputs."""
+                     train_pos: np.ndarray, emb_dir: str, rerank_dtype: Optional[str] = None) -> Tuple[str, str, str]:
+    """(trained path rel, sha256, trainer); reuses the trained index of an interrupted build of the same inputs.
+
+    The build plan (`_build.json`) also records `rerank_dtype` (None = shards without re-rank files), which
+    the shard population reads."""
     plan_url = store.url(_plan_path(version))
     if storage.exists(plan_url):
         try:
@@ -208,6 +224,8 @@ def _train_or_resume(cfg, store: ManifestStore, version: int, fingerprint: str, 
             if p["fingerprint"] == fingerprint and p["index_key"] == key and p["metric"] == cfg.index.metric:
                 verify(store.url(p["trained_path"]), p["trained_sha256"])
                 log.info("resuming build of %s: reusing trained index %s", version_name(version), p["trained_path"])
+                if p.get("rerank_dtype") != rerank_dtype:
+                    storage.atomic_write_json(plan_url, {**p, "rerank_dtype": rerank_dtype})
                 return p["trained_path"], p["trained_sha256"], p.get("trainer", "?")
         except (UserError, KeyError, ValueError) as e:
             log.info("previous build plan not reusable (%s): training again", e)
@@ -215,14 +233,16 @@ def _train_or_resume(cfg, store: ManifestStore, version: int, fingerprint: str, 
         xt, _ = gather_rows(emb_dir, train_pos, cfg.index.build_batch_rows)
         index, trainer = tr.train_index(xt, key, cfg.index.metric, gpu=cfg.index.gpu,
                                         budget_bytes=parse_bytes(cfg.index.max_index_memory),
-                                        prefer_autofaiss=not cfg.index.index_key)
+                                        # one list needs no autofaiss search: faiss trains it directly
+                                        prefer_autofaiss=not cfg.index.index_key and not key.startswith("IVF1,"))
     data = tr.serialize(index)
     sha = sha256_bytes(data)
     rel = f"trained/{sha}.index"
     storage.atomic_write_bytes(store.url(rel), data)
     storage.atomic_write_json(plan_url, {"fingerprint": fingerprint, "index_key": key, "metric": cfg.index.metric,
                                          "trained_path": rel, "trained_sha256": sha, "trainer": trainer,
-                                         "num_shards": cfg.index.num_shards, "n": n, "dim": dim})
+                                         "num_shards": cfg.index.num_shards, "n": n, "dim": dim,
+                                         "rerank_dtype": rerank_dtype})
     return rel, sha, trainer
 
 
@@ -231,10 +251,11 @@ def _populate_all(cfg, store: ManifestStore, version: int, trained_rel: str, tra
     import ray
     from tqdm import tqdm
 
+    rerank_dtype = storage.read_json(store.url(_plan_path(version))).get("rerank_dtype")
     S = int(cfg.index.num_shards)
     entries: Dict[int, ShardEntry] = {}
     for s in range(S):
-        e = _finished(store.memory_dir, version, s, trained_sha)
+        e = _finished(store.memory_dir, version, s, trained_sha, rerank_dtype)
         if e is not None:
             entries[s] = e
     if entries:
@@ -242,7 +263,7 @@ def _populate_all(cfg, store: ManifestStore, version: int, trained_rel: str, tra
     task = ray.remote(num_cpus=1)(populate_shard)
     ex_ref = ray.put(exclude)
     pending = [task.remote(store.memory_dir, version, s, S, store.url(trained_rel), trained_sha, emb_dir,
-                           int(cfg.index.build_batch_rows), ex_ref) for s in range(S) if s not in entries]
+                           int(cfg.index.build_batch_rows), ex_ref, rerank_dtype) for s in range(S) if s not in entries]
     with tqdm(total=S, initial=len(entries), desc="populate shards", unit="shard") as bar:
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)
@@ -252,12 +273,19 @@ def _populate_all(cfg, store: ManifestStore, version: int, trained_rel: str, tra
     return [entries[s] for s in range(S)]
 
 
-def choose_key(cfg, n: int, dim: int) -> str:
-    """The index key a build of n x dim uses under this config (see `pipeline.index.keys`)."""
+def choose_key(cfg, n: int, dim: int, scan_ms: Optional[float] = None) -> IndexChoice:
+    """The index a build of n x dim uses under this config, and why (see `pipeline.index.keys`)."""
     budget = parse_bytes(cfg.index.max_index_memory)
     train_n = min(n, int(cfg.index.train_sample))
     auto = None if cfg.index.index_key else autofaiss_key(n, dim, budget)
-    return resolve_index_key(auto, n, dim, budget, train_n=train_n, explicit_key=cfg.index.index_key)
+    return choose_index(auto, n, dim, budget, float(cfg.index.max_latency_ms), train_n=train_n,
+                        explicit_key=cfg.index.index_key, rerank=cfg.index.rerank, scan_ms=scan_ms)
+
+
+def vote_depths(cfg, n: int) -> Tuple[int, List[int]]:
+    """(K, ks): the vote depths this memory serves (memory.k and eval.ks, at most n) and K, the deepest."""
+    ks = sorted({min(int(k), n) for k in [cfg.memory.k, *cfg.eval.ks] if int(k) > 0})
+    return ks[-1], ks
 
 
 def check_fits(cfg, key: str, n: int, dim: int) -> int:
@@ -298,9 +326,12 @@ def build_index(cfg, split: str = "train", exclude: Optional[np.ndarray] = None,
     n = len(ids) - excluded
     if n < int(cfg.index.num_shards):
         raise UserError(f"{n} items cannot fill index.num_shards={cfg.index.num_shards} shards")
-    key = choose_key(cfg, n, dim)
+    choice = choose_key(cfg, n, dim)
+    key = choice.key
     need = check_fits(cfg, key, n, dim)
-    log.info("index key %s for %s x %d (%s per shard)", key, f"{n:,}", dim, format_bytes(need))
+    log.info("index %s for %s x %d (%s per shard, re-rank %s): %s", key, f"{n:,}", dim, format_bytes(need),
+             f"on, {cfg.index.rerank_dtype} vectors on disk" if choice.rerank else "off", choice.reason)
+    rerank_dtype = cfg.index.rerank_dtype if choice.rerank else None
 
     version = store.next_version()
     parent = store.current_version()
@@ -309,7 +340,7 @@ def build_index(cfg, split: str = "train", exclude: Optional[np.ndarray] = None,
     train_pos = np.sort(rng.choice(pool, size=min(n, int(cfg.index.train_sample)), replace=False))
     t0 = time.perf_counter()
     trained_rel, trained_sha, trainer = _train_or_resume(cfg, store, version, fingerprint, key, n, dim,
-                                                         train_pos, emb_dir)
+                                                         train_pos, emb_dir, rerank_dtype)
     timings["train_s"] = time.perf_counter() - t0
     with phase(f"index: populate {cfg.index.num_shards} shards") as ph:
         marker = mark_writing(store.memory_dir, version_name(version))  # sweeps keep it until we commit
@@ -324,15 +355,20 @@ def build_index(cfg, split: str = "train", exclude: Optional[np.ndarray] = None,
                         encoder=encoder_info(emb_dir),
                         build={"split": split, "trainer": trainer, "fingerprint": fingerprint,
                                "train_sample": len(train_pos), "items": n, "excluded": excluded,
-                               "label_names": label_names(emb_dir)})
+                               "label_names": label_names(emb_dir), "index_choice": choice.to_dict()})
     with phase("index: measure recall vs exact search") as ph:
-        rows, chosen, qsource = measure_recall(cfg, manifest, emb_dir, len(ids), dim, train_pos, exclude)
+        rows, chosen, status, qsource = measure_recall(cfg, manifest, emb_dir, len(ids), dim, n, train_pos,
+                                                       exclude)
     timings["recall_s"] = ph["seconds"]
-    manifest.nprobe, manifest.recall = chosen, rows
-    total_bytes = sum(_size(store.url(s.path)) for s in shards)
+    manifest.nprobe, manifest.rerank_k, manifest.recall = int(chosen["nprobe"]), int(chosen["rerank_k"]), rows
+    index_bytes = sum(_size(store.url(s.path)) for s in shards)
+    disk_bytes = sum(_size(store.url(rel)) for s in shards for rel, _ in s.files())
     timings["total_s"] = time.perf_counter() - t_start
-    manifest.build.update({"recall_queries": qsource, "timings": timings, "index_bytes": int(total_bytes),
-                           "bytes_per_item": total_bytes / max(n, 1)})
+    manifest.build.update({"recall_queries": qsource, "timings": timings, "index_bytes": int(index_bytes),
+                           "bytes_per_item": index_bytes / max(n, 1), "disk_bytes": int(disk_bytes),
+                           "disk_bytes_per_item": disk_bytes / max(n, 1), "recall_status": status,
+                           "recall_at": int(chosen["K"]), "recall": float(chosen["recall"]),
+                           "vote_agree": float(chosen["vote_agree"])})
     # `commit_guard(manifest)`: a context the caller holds across the commit (the memory layer re-checks its
     # forget list there, under its erasure lock, for items deleted while this build ran).
     with (commit_guard(manifest) if commit_guard is not None else contextlib.nullcontext()):
@@ -340,25 +376,39 @@ def build_index(cfg, split: str = "train", exclude: Optional[np.ndarray] = None,
     storage.remove(marker)
     if manifest.version != version:  # another writer took the number; the shard files stay where they are
         log.warning("version %d was taken by another writer: committed as %d", version, manifest.version)
-    log.info("memory %s committed: %s items in %d shards, %s, nprobe %d", version_name(version), f"{n:,}",
-             len(shards), key, chosen)
+    log.info("memory %s committed: %s items in %d shards, %s, nprobe %d, rerank_k %d (%s)",
+             version_name(manifest.version), f"{n:,}", len(shards), key, manifest.nprobe, manifest.rerank_k, status)
     return manifest
 
 
 def measure_recall(cfg, manifest: Manifest, emb_dir: str, n: int, dim: int,
-                   train_pos: np.ndarray, exclude: Optional[np.ndarray] = None) -> Tuple[List[Dict[str, float]], int, str]:
-    """Recall table of the (uncommitted) shards on held-out queries, and the chosen nprobe."""
+                   n_live: int, train_pos: np.ndarray, exclude: Optional[np.ndarray] = None,
+                   ) -> Tuple[List[Dict[str, float]], Dict[str, float], str, str]:
+    """Settings table of the (uncommitted) shards on held-out queries, the chosen row, its status, the query
+    source. UserError when `index.strict_recall` is set and no setting reaches `index.target_recall`.
+    `n` counts the parts' rows (query positions), `n_live` the items the shards hold (`exclude` left out)."""
     from pipeline.index.router import Router
 
     xq, source = query_vectors(cfg, emb_dir, n, dim, train_pos)
-    k = min(100, n)
+    K, ks = vote_depths(cfg, n_live)
+    exclude = np.zeros(0, np.int64) if exclude is None else exclude
     live = ((x[keep], i[keep]) for x, i in vector_batches(emb_dir, cfg.index.build_batch_rows)
-            for keep in [~np.isin(i, exclude if exclude is not None else [])])
-    _, gt = exact_knn(xq, live, k, cfg.index.metric)
+            for keep in [~np.isin(i, exclude)])
+    _, gt = exact_knn(xq, live, K, cfg.index.metric)
     router = Router(cfg.memory_dir, manifest=manifest, use_ray=False)
+    gt_labels = router.lookup(gt.ravel())["labels"].reshape(gt.shape)
     nlist = key_cost(manifest.index_key, dim, cfg.index.metric).nlist
-    rows = recall_table(lambda q, kk, p: router.search(q, kk, nprobe=p).I, xq, gt, nlist,
-                        target=cfg.index.target_recall)
-    chosen = choose_nprobe(rows, cfg.index.target_recall, cfg.index.max_latency_ms)
-    log.info("recall on %d queries (%s):\n%s", len(xq), source, format_table(rows, chosen))
-    return rows, chosen, source
+    has_vectors = all(s.vectors_path for s in manifest.shards)
+    ladder = rerank_ladder(K, -(-n_live // manifest.num_shards), has_vectors, int(cfg.index.rerank_k))
+
+    def search(q, kk, nprobe, rerank_k):
+        r = router.search(q, kk, nprobe=nprobe, rerank_k=rerank_k)
+        return r.I, r.labels
+
+    rows = settings_table(search, xq, gt, gt_labels, nlist, ladder, ks, target=cfg.index.target_recall,
+                          k_latency=min(int(cfg.memory.k), n_live))
+    chosen, status = choose_setting(rows, cfg.index.target_recall, cfg.index.max_latency_ms,
+                                    strict=bool(cfg.index.strict_recall))
+    chosen["chosen"] = True
+    log.info("recall on %d queries (%s), K = %d:\n%s", len(xq), source, K, format_table(rows))
+    return rows, chosen, status, source

@@ -15,13 +15,24 @@ IVF-PQ whose code caps recall even when the budget could afford more. `resolve_i
 
 nlist = autofaiss's recommendation for n (about 4*sqrt(n), 2^14..2^17 beyond 1M), capped so the training
 sample holds at least 39 points per list (faiss's k-means minimum).
+
+`choose_index` puts the size rule in front (IVF only where it pays): when an exhaustive scan of all n float
+vectors takes at most half of `index.max_latency_ms` (measured on this machine over more vectors than CPU
+caches hold: `scan_ms_per_item`), the memory gets ONE list: `IVF1,Flat` (exact search) when the budget holds
+float vectors, else `IVF1,SQ8` with exact re-ranking. When only PQ codes fit the budget the memory is large
+for it: IVF + re-rank (a full PQ scan per query would cost far more than probing a few lists). A one-list IVF
+*is* a flat index with ids (same scan, same distances), and keeps what the memory relies on: one shared
+trained index, `remove_ids`, id selectors, inverted lists to verify erasure.
 """
 from __future__ import annotations
 
 import math
 import re
+import time
 from dataclasses import dataclass
 from typing import Optional
+
+import numpy as np
 
 import faiss
 
@@ -84,6 +95,79 @@ def resolve_index_key(auto_key: Optional[str], n: int, d: int, budget_bytes: int
                         f"{per_item:.1f} bytes per item: not even a 4-byte PQ code fits; raise "
                         f"index.max_index_memory")
     return f"IVF{nlist},PQ{m}x8"
+
+
+def code_is_exact(key: str) -> bool:
+    """Whether the key stores float vectors (`...,Flat` codes): its distances are exact, re-ranking adds nothing."""
+    return key.replace(" ", "").endswith(",Flat") and not key.startswith(("OPQ", "PCA"))
+
+
+def scan_ms_per_item(d: int, probe_bytes: int = 256 << 20, repeats: int = 3) -> float:
+    """Milliseconds one query needs per stored item in an exhaustive inner-product scan of float vectors
+    (measured on 1 thread over `probe_bytes` of vectors: more than CPU caches hold, as a real memory's are)."""
+    import faiss
+
+    n = max(1000, int(probe_bytes) // (4 * int(d)))
+    xb = np.ones((n, int(d)), dtype=np.float32)  # values do not change the scan's speed
+    q = np.ones((1, int(d)), dtype=np.float32)
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        faiss.knn(q, xb, 10, metric=faiss.METRIC_INNER_PRODUCT)  # first touch of the pages
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            faiss.knn(q, xb, 10, metric=faiss.METRIC_INNER_PRODUCT)
+            best = min(best, time.perf_counter() - t)
+    finally:
+        faiss.omp_set_num_threads(threads)
+    return best * 1000 / n
+
+
+@dataclass
+class IndexChoice:
+    """The key a build uses, how it was chosen (`kind`: flat | scan | ivf | explicit) and why, in words."""
+    key: str
+    kind: str
+    reason: str
+    rerank: bool  # shards store re-rank vectors (exact similarities decide the top k)
+
+    def to_dict(self) -> dict:
+        return {"key": self.key, "kind": self.kind, "reason": self.reason, "rerank": self.rerank}
+
+
+def _rerank_on(setting: str, key: str) -> bool:
+    return setting == "true" or (setting == "auto" and not code_is_exact(key))
+
+
+def choose_index(auto_key: Optional[str], n: int, d: int, budget_bytes: int, max_latency_ms: float,
+                 train_n: Optional[int] = None, explicit_key: Optional[str] = None, rerank: str = "auto",
+                 scan_ms: Optional[float] = None) -> IndexChoice:
+    """The index of an n x d memory (rules in the module docstring); `scan_ms` = ms per item (default measured)."""
+    per_item = budget_bytes / max(int(n), 1)
+    if explicit_key:
+        key = resolve_index_key(None, n, d, budget_bytes, train_n, explicit_key)
+        return IndexChoice(key, "explicit", "index.index_key is set", _rerank_on(rerank, key))
+    per_scan = scan_ms_per_item(d) if scan_ms is None else float(scan_ms)
+    est = per_scan * n
+    scan = f"an exhaustive scan of {n:,} x {d} takes ~{est:.2f} ms/query here"
+    fits_scan = est <= max_latency_ms / 2
+    if fits_scan and per_item >= d + ID_BYTES:
+        if per_item >= 4 * d + ID_BYTES:
+            key, kind, code = "IVF1,Flat", "flat", "float vectors fit the budget: exact search"
+        else:
+            key, kind, code = "IVF1,SQ8", "scan", "8-bit codes fit the budget (float vectors do not): re-rank"
+        reason = f"{scan} <= half of index.max_latency_ms ({max_latency_ms:g}): one list (no IVF); {code}"
+        return IndexChoice(key, kind, reason, _rerank_on(rerank, key))
+    key = resolve_index_key(auto_key, n, d, budget_bytes, train_n)
+    if fits_scan:  # a full PQ scan per query would cost ~nlist / nprobe times an IVF's work for the same recall
+        reason = (f"{scan}, but only PQ codes fit the budget ({per_item:.0f} bytes per item): IVF with "
+                  f"{key_cost(key, d).nlist} lists and re-rank, not a full scan of the codes per query")
+        return IndexChoice(key, "ivf", reason, _rerank_on(rerank, key))
+    key = resolve_index_key(auto_key, n, d, budget_bytes, train_n)
+    reason = (f"{scan} > half of index.max_latency_ms ({max_latency_ms:g}): IVF with "
+              f"{key_cost(key, d).nlist} lists; codes from {per_item:.0f} budget bytes per item")
+    return IndexChoice(key, "ivf", reason, _rerank_on(rerank, key))
 
 
 def autofaiss_key(n: int, d: int, budget_bytes: int) -> Optional[str]:

@@ -6,7 +6,7 @@ Layout under `memory_dir` (see docs/design.md):
                                 locally, one PUT on S3)
   manifests/v000001.json        one immutable `Manifest` per version
   trained/<sha>.index           the trained, empty IVF index every shard was populated from
-  shards/v000001/shard-000.index, shard-000.meta.parquet
+  shards/v000001/shard-000.index, shard-000.meta.parquet, shard-000.vectors.npy (re-rank vectors, optional)
 
 All paths inside a manifest are RELATIVE to `memory_dir` (use `ManifestStore.url(rel)`), so a memory can be
 copied or moved (local <-> s3://) whole, and a later version may point at shard files of an earlier one (what
@@ -39,13 +39,25 @@ def version_name(version: int) -> str:
 
 @dataclass
 class ShardEntry:
-    """One populated shard: index + metadata files (relative paths), item count and sha256 of each file."""
+    """One populated shard: index + metadata (+ re-rank vectors) files (relative paths), item count, sha256s.
+
+    `vectors_path` is the shard's re-rank file (`pipeline.index.rerank`), None for shards written without one
+    (exact codes, or versions written before re-ranking existed)."""
     shard: int
     path: str
     meta_path: str
     count: int
     sha256: str
     meta_sha256: str
+    vectors_path: Optional[str] = None
+    vectors_sha256: Optional[str] = None
+
+    def files(self) -> List[tuple]:
+        """(relative path, sha256) of every file of the shard."""
+        out = [(self.path, self.sha256), (self.meta_path, self.meta_sha256)]
+        if self.vectors_path:
+            out.append((self.vectors_path, self.vectors_sha256))
+        return out
 
 
 @dataclass
@@ -59,6 +71,7 @@ class Manifest:
     trained_sha256: str
     nprobe: int
     parent: Optional[int] = None
+    rerank_k: int = 0  # candidates per shard re-ranked with exact similarities; 0 = the codes' own order
     created_at: float = field(default_factory=time.time)
     encoder: Dict[str, Any] = field(default_factory=dict)  # name, image_size, preprocessing, dim (if known)
     recall: List[Dict[str, Any]] = field(default_factory=list)  # rows: nprobe, recall@10, recall@100, ms...

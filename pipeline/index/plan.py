@@ -10,9 +10,13 @@ Formula (the same estimate `build_index` uses to refuse builds that cannot fit):
   shards           = max(requested shards, nodes), rounded up to a multiple of nodes; each shard carries its
                      own copy of the quantizer, so per-shard RAM = ceil(items / shards) * bytes_per_item + fixed.
 
-Without `index_key` the key is autofaiss's choice under `max_memory` passed through the IVF rule of
-`pipeline.index.keys`; without `max_memory` the budget is 1/32 of the float32 size (items * dim / 8 bytes), the
-usual operating point of IVF-PQ at scale.
+Without `index_key` the key is `pipeline.index.keys.choose_index`'s (one list when a scan fits half the
+latency budget, else autofaiss's choice under `max_memory` passed through the IVF rule); without `max_memory`
+the budget is 1/32 of the float32 size (items * dim / 8 bytes), the usual operating point of IVF-PQ at scale.
+
+Disk (not RAM): with re-ranking (on for lossy codes unless `rerank="false"`) every item's vector is stored
+once more in its shard's re-rank file, dim * 4 (float32) or dim * 2 (float16) bytes, memory-mapped by the
+searchers: the OS page cache keeps the hot part, the rest stays on disk.
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ from dataclasses import asdict, dataclass
 from typing import Optional
 
 from pipeline.errors import UserError
-from pipeline.index.keys import autofaiss_key, key_cost, resolve_index_key
+from pipeline.index.keys import autofaiss_key, choose_index, key_cost
 from pipeline.index.units import format_bytes, parse_bytes, parse_count
 
 HEADROOM = 0.75
@@ -39,6 +43,9 @@ class Plan:
     num_shards: int
     nodes: int
     bytes_per_shard: int
+    rerank: bool = False
+    disk_bytes_per_item: int = 0  # re-rank vectors on disk (memory-mapped), not RAM
+    total_disk_bytes: int = 0
 
     def table(self) -> str:
         rows = [
@@ -49,6 +56,9 @@ class Plan:
             ("RAM per node", f"{format_bytes(self.ram_per_node)} ({HEADROOM:.0%} usable)"),
             ("shards", str(self.num_shards)), ("RAM per shard", format_bytes(self.bytes_per_shard)),
             ("nodes", str(self.nodes)),
+            ("re-rank", "on: exact similarities from vectors on disk" if self.rerank else "off"),
+            ("disk per item", f"{self.disk_bytes_per_item} (re-rank vectors, memory-mapped)"),
+            ("total disk", format_bytes(self.total_disk_bytes)),
         ]
         width = max(len(r[0]) for r in rows)
         return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
@@ -58,14 +68,19 @@ class Plan:
 
 
 def plan_memory(items, dim: int, ram_per_node, index_key: Optional[str] = None, max_memory=None,
-                num_shards: int = 1, metric: str = "ip") -> Plan:
-    """Estimate RAM, shards and nodes for `items` vectors of `dim` (sizes may be human strings)."""
+                num_shards: int = 1, metric: str = "ip", rerank: str = "auto", rerank_dtype: str = "float32",
+                max_latency_ms: float = 50.0) -> Plan:
+    """Estimate RAM, disk, shards and nodes for `items` vectors of `dim` (sizes may be human strings)."""
+    from pipeline.index.rerank import dtype_bytes
+
     n, d = parse_count(items), int(dim)
     ram = parse_bytes(ram_per_node)
     if n <= 0 or d <= 0:
         raise UserError(f"items and dim must be > 0, got items={n}, dim={d}")
     budget = parse_bytes(max_memory) if max_memory is not None else n * d // 8
-    key = index_key or resolve_index_key(autofaiss_key(n, d, budget), n, d, budget)
+    choice = choose_index(None if index_key else autofaiss_key(n, d, budget), n, d, budget, max_latency_ms,
+                          explicit_key=index_key, rerank=rerank)
+    key = choice.key
     cost = key_cost(key, d, metric)
     usable = ram * HEADROOM
     if usable <= cost.fixed_bytes + cost.bytes_per_item:
@@ -75,5 +90,6 @@ def plan_memory(items, dim: int, ram_per_node, index_key: Optional[str] = None, 
     shards = max(int(num_shards), nodes)
     shards = math.ceil(shards / nodes) * nodes
     per_shard = cost.total(math.ceil(n / shards))
+    disk = d * dtype_bytes(rerank_dtype) if choice.rerank else 0
     return Plan(n, d, key, cost.bytes_per_item, cost.fixed_bytes, n * cost.bytes_per_item + cost.fixed_bytes,
-                ram, shards, nodes, per_shard)
+                ram, shards, nodes, per_shard, choice.rerank, disk, n * disk)

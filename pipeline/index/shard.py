@@ -4,12 +4,16 @@ Files of shard s of version v (paths relative to the memory dir, as stored in th
   shards/v{v:06d}/shard-{s:03d}.index         faiss IVF index populated from the trained index, ids = external
   shards/v{v:06d}/shard-{s:03d}.meta.parquet  id, label, label_name, key, source, shard: sorted by id,
                                               uncompressed so pyarrow memory-maps it
-Both are written atomically (`pipeline.storage`), so a reader sees a whole file or none; a file is never
+  shards/v{v:06d}/shard-{s:03d}.vectors.npy   optional re-rank vectors (float16/float32), row j = meta row j
+                                              (`pipeline.index.rerank`); memory-mapped, never loaded into RAM
+All are written atomically (`pipeline.storage`), so a reader sees a whole file or none; a file is never
 rewritten in place (a searcher may have it memory-mapped), a new version writes new files.
 
 `ShardSearcher` works as a plain class and as a Ray actor (`ray.remote(ShardSearcher)`): it verifies both
 checksums, memory-maps the index (`faiss.IO_FLAG_MMAP`; S3 files are first copied to a local cache), and
-answers `search(xq, k, nprobe, exclude)` with external ids + metadata. An `ExcludeSet(version, ids)` becomes
+answers `search(xq, k, nprobe, exclude, rerank_k)` with external ids + metadata. With a re-rank file and
+`rerank_k` > 0 the codes propose max(k, rerank_k) candidates and exact similarities from the file decide the
+top k (scores returned are then exact). An `ExcludeSet(version, ids)` becomes
 `SearchParametersIVF(sel=IDSelectorNot(IDSelectorBatch(ids)))`, so faiss itself skips excluded ids and k live
 results still come back; the selector is built once per exclude version and cached.
 """
@@ -104,6 +108,11 @@ def shard_paths(version: int, shard: int, tag: str = "") -> tuple:
     return f"{base}.index", f"{base}.meta.parquet"
 
 
+def vectors_path(version: int, shard: int, tag: str = "") -> str:
+    """Path of the re-rank vectors file of shard `shard` written by `version`, relative to the memory dir."""
+    return shard_paths(version, shard, tag)[0][: -len(".index")] + ".vectors.npy"
+
+
 def meta_table(table: pa.Table) -> pa.Table:
     """The metadata columns of an embeddings table, sorted by id (lookups are binary searches)."""
     t = table.select(list(META_COLUMNS))
@@ -111,18 +120,33 @@ def meta_table(table: pa.Table) -> pa.Table:
 
 
 def save_shard(memory_dir: str, version: int, shard: int, index: faiss.Index, meta: pa.Table,
-               tag: str = "") -> ShardEntry:
-    """Write a populated shard (index + metadata) atomically under `version`; returns its manifest entry."""
+               tag: str = "", vectors: Optional[np.ndarray] = None, rerank_dtype: str = "float32") -> ShardEntry:
+    """Write a populated shard (index + metadata [+ re-rank vectors]) atomically under `version` (in a folder
+    of its own with `tag`).
+
+    `vectors` (n, d) float32, row i = the item of `meta` row i (any id order), makes the shard's re-rank file
+    (stored as `rerank_dtype`, rows re-ordered to the sorted ids). Returns the shard's manifest entry.
+    """
+    from pipeline.index.rerank import aligned, vectors_bytes
+
     rel_index, rel_meta = shard_paths(version, shard, tag)
     index_bytes = faiss.serialize_index(index)
+    table = meta_table(meta)
     buf = io.BytesIO()
-    pq.write_table(meta_table(meta), buf, compression="none")
+    pq.write_table(table, buf, compression="none")
     meta_bytes = buf.getvalue()
+    entry = ShardEntry(shard=int(shard), path=rel_index, meta_path=rel_meta, count=int(index.ntotal),
+                       sha256=sha256_bytes(index_bytes), meta_sha256=sha256_bytes(meta_bytes))
+    if vectors is not None:
+        assert len(vectors) == meta.num_rows, f"{len(vectors)} vectors for {meta.num_rows} metadata rows"
+        vec_bytes = vectors_bytes(aligned(meta.column("id").to_numpy(), np.asarray(vectors),
+                                          table.column("id").to_numpy()), rerank_dtype)
+        entry.vectors_path, entry.vectors_sha256 = vectors_path(version, shard, tag), sha256_bytes(vec_bytes)
+        storage.atomic_write_bytes(storage.join(memory_dir, entry.vectors_path), vec_bytes)
     storage.atomic_write_bytes(storage.join(memory_dir, rel_meta), meta_bytes)
     storage.atomic_write_bytes(storage.join(memory_dir, rel_index),
                                index_bytes.tobytes() if storage.is_remote(memory_dir) else index_bytes)
-    return ShardEntry(shard=int(shard), path=rel_index, meta_path=rel_meta, count=int(index.ntotal),
-                      sha256=sha256_bytes(index_bytes), meta_sha256=sha256_bytes(meta_bytes))
+    return entry
 
 
 def verified_copy(url: str, sha256: Optional[str] = None) -> str:
@@ -158,6 +182,24 @@ def read_meta(url: str, sha256: Optional[str] = None) -> pa.Table:
     return pq.read_table(verified_copy(url, sha256), memory_map=True)
 
 
+def open_vectors(url: str, sha256: Optional[str] = None) -> np.ndarray:
+    """A shard's re-rank vectors, memory-mapped read-only (checksum verified first when given)."""
+    return np.load(verified_copy(url, sha256), mmap_mode="r", allow_pickle=False)
+
+
+def read_shard_vectors(memory_dir: str, entry: ShardEntry, drop_ids: Optional[np.ndarray] = None):
+    """(ids, vectors float32) stored in a shard's re-rank file, ids sorted, minus `drop_ids`; None without one.
+
+    What compaction needs to carry a shard's vectors over to the next version (`save_shard(vectors=...)`).
+    """
+    if not entry.vectors_path:
+        return None
+    ids = read_meta(storage.join(memory_dir, entry.meta_path), entry.meta_sha256).column("id").to_numpy()
+    xb = open_vectors(storage.join(memory_dir, entry.vectors_path), entry.vectors_sha256)
+    keep = ~np.isin(ids, drop_ids) if drop_ids is not None and len(drop_ids) else np.ones(len(ids), bool)
+    return ids[keep].astype(np.int64), np.asarray(xb[keep], dtype=np.float32)
+
+
 # ---------------------------------------------------------------- searching
 
 def lookup_meta(meta: pa.Table, meta_ids: np.ndarray, I: np.ndarray) -> Dict[str, np.ndarray]:
@@ -185,16 +227,24 @@ class ShardSearcher:
     """Searches one shard; usable directly or as a Ray actor (`ray.remote(ShardSearcher)`)."""
 
     def __init__(self, memory_dir: str, entry: Dict[str, Any], metric: str = "ip", nprobe: int = 1,
-                 omp_threads: Optional[int] = None, gpu: bool = False, mmap: bool = True, verify: bool = True):
+                 omp_threads: Optional[int] = None, gpu: bool = False, mmap: bool = True, verify: bool = True,
+                 rerank_k: int = 0):
         e = ShardEntry(**entry) if isinstance(entry, dict) else entry
         self.entry = e
         self.metric = metric
         self.nprobe = int(nprobe)
+        self.rerank_k = int(rerank_k or 0)
         if omp_threads:
             faiss.omp_set_num_threads(int(omp_threads))
         self.index = read_index(storage.join(memory_dir, e.path), e.sha256 if verify else None, mmap=mmap)
         self.meta = read_meta(storage.join(memory_dir, e.meta_path), e.meta_sha256 if verify else None)
         self.meta_ids = self.meta.column("id").to_numpy()
+        self.vectors = None
+        if e.vectors_path:
+            self.vectors = open_vectors(storage.join(memory_dir, e.vectors_path), e.vectors_sha256 if verify else None)
+            if len(self.vectors) != len(self.meta_ids):
+                raise IntegrityError(f"{storage.join(memory_dir, e.vectors_path)} holds {len(self.vectors)} rows, "
+                                     f"the shard's metadata {len(self.meta_ids)}")
         if self.index.ntotal != e.count:
             raise IntegrityError(f"shard {storage.join(memory_dir, e.path)} holds {self.index.ntotal} vectors, "
                                  f"the manifest says {e.count}")
@@ -224,14 +274,24 @@ class ShardSearcher:
         return self._excl[2]
 
     def search(self, xq: np.ndarray, k: int, nprobe: Optional[int] = None,
-               exclude: Optional[ExcludeSet] = None, with_meta: bool = True) -> Dict[str, np.ndarray]:
-        """Top-k of this shard: D (nq, k) scores, I (nq, k) external ids (-1 pad) and metadata arrays."""
+               exclude: Optional[ExcludeSet] = None, with_meta: bool = True,
+               rerank_k: Optional[int] = None) -> Dict[str, np.ndarray]:
+        """Top-k of this shard: D (nq, k) scores, I (nq, k) external ids (-1 pad) and metadata arrays.
+
+        `rerank_k` (default: the searcher's) > 0 on a shard with a re-rank file: the codes propose
+        max(k, rerank_k) candidates and the exact top-k among them is returned, with exact scores.
+        """
+        from pipeline.index.rerank import rerank
+
         xq = np.ascontiguousarray(xq, dtype=np.float32)
         params = faiss.SearchParametersIVF(nprobe=int(nprobe or self.nprobe))
         sel = self._selector(exclude)
         if sel is not None:
             params.sel = sel
-        D, I = self.index.search(xq, int(k), params=params)
+        depth = int(self.rerank_k if rerank_k is None else rerank_k) if self.vectors is not None else 0
+        D, I = self.index.search(xq, max(int(k), depth), params=params)
+        if depth > 0:
+            D, I = rerank(xq, I, self.meta_ids, self.vectors, int(k), self.metric)
         out = {"D": D, "I": I}
         if with_meta:
             out.update(lookup_meta(self.meta, self.meta_ids, I))

@@ -32,7 +32,8 @@ import pyarrow as pa
 from pipeline import storage
 from pipeline.index import train as itrain
 from pipeline.index.manifest import CommitConflict, ShardEntry, version_name
-from pipeline.index.shard import META_COLUMNS, mark_writing, read_index, read_meta, save_shard
+from pipeline.index.shard import (META_COLUMNS, mark_writing, open_vectors, read_index, read_meta, read_shard_vectors,
+                                  save_shard)
 from pipeline.memory import erasure
 from pipeline.memory.state import ITEMS, id_filter, retry
 from pipeline.runtime import phase
@@ -97,11 +98,18 @@ def compact(mem, force: bool = False, grace_s: Optional[float] = None) -> Option
                 removed_total += int(index.remove_ids(faiss.IDSelectorBatch(len(drop), faiss.swig_ptr(drop))))
             keep_meta = ~np.isin(ids, drop)
             parts = [meta.filter(pa.array(keep_meta))]
+            # The re-rank file travels with its rows: kept rows (sorted by id, like the kept meta), then adds.
+            old = read_shard_vectors(mem.memory_dir, s, drop_ids=drop)
+            vecs = None if old is None else [old[1]]
             if mine.any():
                 itrain.add_vectors(index, d_xb[mine], d_ids[mine])  # encoded with the shared trained quantizer
                 added_total += int(mine.sum())
                 parts.append(_meta_table(d_ids[mine], d_meta, parts[0].schema))
-            entries.append(save_shard(mem.memory_dir, new_version, s.shard, index, pa.concat_tables(parts), tag=tag))
+                if vecs is not None:
+                    vecs.append(d_xb[mine])
+            dtype = open_vectors(store.url(s.vectors_path)).dtype.name if old is not None else "float32"
+            entries.append(save_shard(mem.memory_dir, new_version, s.shard, index, pa.concat_tables(parts), tag=tag,
+                                      vectors=None if vecs is None else np.concatenate(vecs), rerank_dtype=dtype))
             _hang_point(mem.memory_dir, "shard")
         _hang_point(mem.memory_dir, "before_commit")
         names = dict(m.build.get("label_names", {}))

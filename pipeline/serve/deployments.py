@@ -79,7 +79,7 @@ class ShardDeployment:
                 if not entries:
                     raise RuntimeError(f"manifest v{version} has no shard {self.shard_no}; restart `vmem serve`")
                 s = ShardSearcher(self.memory_dir, entries[0], metric=m.metric, nprobe=m.nprobe,
-                                  mmap=self.cfg.serve.mmap_shards)
+                                  mmap=self.cfg.serve.mmap_shards, rerank_k=m.rerank_k)
                 # Keep the newest two versions: queries against the previous one may still be in flight.
                 self.searchers = {v: x for v, x in self.searchers.items() if v >= version - 1}
                 self.searchers[version] = s
