@@ -70,7 +70,7 @@ def write_split(emb_dir: str, x: np.ndarray, y: np.ndarray, id_offset: int) -> N
 def run_set(name: str, workdir: str, queries: int) -> dict:
     from pipeline.config import load_config
     from pipeline.eval.accuracy import evaluate
-    from pipeline.index.build import build_memory
+    from pipeline.memory.build import build_memory
 
     source, n, extra = SETS[name]
     work = os.path.join(workdir, name)

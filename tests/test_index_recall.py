@@ -154,7 +154,7 @@ def reranked(tmp_path_factory, ray_session):
     from test_index_build import clustered, write_embeddings
 
     from pipeline.config import load_config
-    from pipeline.index.build import build_memory
+    from pipeline.index.build import build_index
 
     work = tmp_path_factory.mktemp("rerank")
     cfg = load_config(None, [f"workdir={work}", "index.num_shards=2", "index.recall_queries=100",
@@ -163,7 +163,7 @@ def reranked(tmp_path_factory, ray_session):
     x = clustered(3000, 32, 5)
     os.makedirs(cfg.embeddings_dir("train"))
     ids = write_embeddings(cfg.embeddings_dir("train"), x)
-    return cfg, build_memory(cfg, "train"), x, ids
+    return cfg, build_index(cfg, "train"), x, ids
 
 
 def test_build_with_rerank_records_choice_and_recall_at_vote_depth(reranked):
@@ -195,7 +195,7 @@ def test_build_with_rerank_records_choice_and_recall_at_vote_depth(reranked):
 
 def test_strict_recall_fails_the_build(reranked):
     from pipeline.config import load_config
-    from pipeline.index.build import build_memory
+    from pipeline.index.build import build_index
     from pipeline.index.manifest import ManifestStore
 
     cfg, m, x, ids = reranked
@@ -204,7 +204,7 @@ def test_strict_recall_fails_the_build(reranked):
                                 "index.index_key=IVF8,PQ4x4", "index.rerank=false", "index.target_recall=0.999",
                                 "index.strict_recall=true"])
     with pytest.raises(UserError, match="strict_recall"):
-        build_memory(strict, "train")
+        build_index(strict, "train")
     assert ManifestStore(cfg.memory_dir).current_version() == m.version  # nothing committed
 
 

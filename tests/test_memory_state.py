@@ -121,3 +121,30 @@ def test_exact_eval_job_matches_in_process_exact(memory):
     np.testing.assert_array_equal(a.I, b.I)
     np.testing.assert_array_equal(a.labels, b.labels)
     assert not np.isin(a.I, ids[:30]).any()
+
+
+def test_compaction_carries_the_rerank_files(tmp_path, ray_session):
+    """A memory with lossy codes + re-rank: after deletes, adds and a compaction every shard still has its
+    vectors file, aligned with its rows, so searches stay exact where they were exact."""
+    overrides = [f"workdir={tmp_path / 'work'}", "index.num_shards=2", "index.recall_queries=50",
+                 "index.index_key=IVF4,SQ4", "index.rerank=true", "memory.grace_period_s=0",
+                 "memory.auto_compact=false"]
+    cfg = load_config(None, overrides)
+    x = clustered(1500, DIM, 3, centers=10)
+    os.makedirs(cfg.embeddings_dir("train"))
+    ids = write_embeddings(cfg.embeddings_dir("train"), x)
+    build_memory(cfg, "train")
+    mem = VisualMemory.open(cfg.memory_dir, cfg=cfg)
+    new = clustered(30, DIM, 12, centers=10)
+    added = mem.add(embeddings=new, labels=[1] * 30, keys=[f"rr{i}" for i in range(30)])
+    mem.delete(ids=ids[:40].tolist())
+    assert mem.compact()["erasure"]["verified"]
+    m = mem.base.manifest
+    assert all(s.vectors_path for s in m.shards) and m.rerank_k > 0
+    live_x = np.vstack([x[40:], new])
+    live_ids = np.concatenate([ids[40:], np.array(added)])
+    q = clustered(30, DIM, 13, centers=10)
+    exact = np.argsort(-(q @ live_x.T), axis=1)[:, :5]
+    nb = mem.search(embeddings=q, k=5, nprobe=4)
+    np.testing.assert_array_equal(nb.I, live_ids[exact])
+    mem.close()
