@@ -218,3 +218,17 @@ def test_plan_counts_rerank_vectors_as_disk_not_ram():
     assert half.disk_bytes_per_item == 512 and half.total_bytes == p.total_bytes  # RAM unchanged
     exact = plan_memory("1e6", 64, "16GiB", index_key="IVF1024,Flat")
     assert not exact.rerank and exact.disk_bytes_per_item == 0
+
+
+def test_plan_counts_every_process():
+    """The ingress / router holds no per-item state (pending edits only); the driver and item table grow."""
+    from pipeline.index.plan import plan_memory
+
+    small = plan_memory("1e6", 256, "256GiB", index_key="IVF1024,PQ32x8")
+    big = plan_memory("1e9", 256, "256GiB", index_key="IVF65536,PQ32x8")
+    assert small.ingress_bytes == big.ingress_bytes
+    assert big.driver_bytes - small.driver_bytes == 16 * (10**9 - 10**6)  # 16 B of ids per row; same sample
+    assert big.item_table_bytes == 1000 * small.item_table_bytes
+    more_edits = plan_memory("1e6", 256, "256GiB", index_key="IVF1024,PQ32x8", delta_items=200000)
+    assert more_edits.ingress_bytes - small.ingress_bytes == 100000 * (4 * 256 + 8 + 300)
+    assert "ingress/router RAM" in big.table() and "build driver RAM" in big.table()
