@@ -194,11 +194,7 @@ def _rewrite_tar(url: str, keys: set, tar_keys: set) -> bool:
 
 
 def _parquet_files(root: str) -> List[str]:
-    fs, path = storage.filesystem(root)
-    if not fs.exists(path):
-        return []
-    prefix = root[: len(root) - len(path)] if storage.is_remote(root) else ""
-    return sorted(prefix + p for p in fs.find(path) if p.endswith(".parquet"))
+    return [u for u in _files(root) if u.endswith(".parquet")]
 
 
 def _rewrite_parts(root: str, ids: np.ndarray) -> List[str]:
