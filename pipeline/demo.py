@@ -141,7 +141,7 @@ def run_demo(cfg: Config) -> dict:
     _banner("6/6 summary")
     stats = mem.stats()
     print(f"memory v{stats['version']}: {stats['live_items']:,} live items in {stats['shards']} shards, "
-          f"{stats['tombstones']} tombstones, {stats['delta_items']} in the delta")
+          f"{stats['forgotten_pending_erasure']} deleted item(s) waiting for erasure, {stats['delta_items']} in the delta")
     print(f"top-1 (k={k}, plurality): ANN {ann:.4f}, exact {exact:.4f}; demo finished in "
           f"{time.perf_counter() - t_start:.0f} s")
     print(f"query images and vectors to try the other commands on: {storage.join(cfg.workdir, 'samples')}/ "
