@@ -36,10 +36,12 @@ log = logging.getLogger("vmem.erasure")
 
 
 def workdir_of(memory_dir: str, cfg=None) -> str:
-    """The workdir whose shards/ and embeddings/ belong to this memory."""
+    """The workdir whose shards/ and embeddings/ belong to this memory: the config's, else the parent of a
+    memory dir named `memory` (the project's layout), else the memory dir alone (never an unrelated parent)."""
     if cfg is not None:
         return str(cfg.workdir).rstrip("/")
-    return str(memory_dir).rstrip("/").rsplit("/", 1)[0]
+    parent, _, name = str(memory_dir).rstrip("/").rpartition("/")
+    return parent if name == "memory" and parent else str(memory_dir).rstrip("/")
 
 
 def _pending_url(memory_dir: str, version: int) -> str:
@@ -374,8 +376,8 @@ def verify_erased(memory_dir: str, state: MemoryState, ids: np.ndarray, workdir:
             continue
         try:
             data = storage.read_bytes(url)
-        except FileNotFoundError:
-            continue  # removed meanwhile (a concurrent cleanup): nothing left to find in it
+        except (FileNotFoundError, IsADirectoryError):
+            continue  # removed meanwhile (a concurrent cleanup), or a link to a folder: nothing to read
         checked.append(url)
         hit = np.isin(ids, np.asarray(_structured_ids(url, data), dtype=np.int64))
         if len(data) <= raw_scan_max_bytes and len(raw_ids):
