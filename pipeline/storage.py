@@ -94,10 +94,18 @@ def listdir(url: str) -> list:
     return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(path, detail=False))
 
 
-def read_bytes(url: str) -> bytes:
+def read_bytes(url: str, attempts: int = 5) -> bytes:
+    """The whole object. An object replaced while it is read (s3fs raises `FileExpired`: its ETag changed
+    between the listing and the GET, e.g. a `CURRENT` hint another writer just rewrote) is read again."""
     fs, path = filesystem(url)
-    with fs.open(path, "rb") as f:
-        return f.read()
+    for attempt in range(attempts):
+        try:
+            with fs.open(path, "rb") as f:
+                return f.read()
+        except OSError as e:
+            if type(e).__name__ != "FileExpired" or attempt == attempts - 1:
+                raise
+            fs.invalidate_cache(path)
 
 
 def read_json(url: str) -> Any:
