@@ -54,10 +54,6 @@ class Interventions:
     labels: Dict[int, float] = field(default_factory=dict)
     sources: Dict[str, float] = field(default_factory=dict)
 
-    def to_json(self) -> dict:
-        return {"items": {str(k): v for k, v in self.items.items()},
-                "labels": {str(k): v for k, v in self.labels.items()}, "sources": dict(self.sources)}
-
     def __bool__(self) -> bool:
         return bool(self.items or self.labels or self.sources)
 

@@ -333,9 +333,6 @@ class MemoryState:
                       "at": pa.array([at + i for i in range(len(rows))], pa.int64())})
         return self[OVERLAYS].append(t)
 
-    def gamma(self) -> pa.Table:
-        return self[GAMMA].read()
-
 
 def item_rows(ids: Sequence[int], metas: Sequence[dict], vectors: Optional[np.ndarray] = None,
               indexed: int = 0) -> pa.Table:
