@@ -147,9 +147,11 @@ class ServeConfig:
     max_k: int = 1000
     max_batch: int = 256  # queries (or items) per batch request: /v1/classify/batch, /v1/items/batch...
     # Concurrent embedding queries with equal options are searched together, up to this many rows per memory
-    # call (1: every request alone), by at most `query_concurrency` calls at a time per replica.
+    # call (1: every request alone), by at most `query_concurrency` calls at a time per replica; a call waits
+    # up to `query_wait_ms` for query requests the replica is still reading (never when there are none).
     query_batch: int = 64
     query_concurrency: int = 2
+    query_wait_ms: float = 5.0
     # HTTP ingress replicas; each opens the memory and follows its committed state (with `autoscaling`,
     # the initial count, scaled between 1 and max_replicas by ongoing requests).
     ingress_replicas: int = 1
@@ -268,6 +270,8 @@ def _check(cfg: Config) -> None:
         value = _select(cfg, dotted)
         if value is None or value <= 0:
             raise ConfigError(f"config key '{dotted}' must be > 0, got {value!r}")
+    if cfg.serve.query_wait_ms < 0:
+        raise ConfigError(f"config key 'serve.query_wait_ms' must be >= 0, got {cfg.serve.query_wait_ms}")
     if not 0 < cfg.index.target_recall <= 1:
         raise ConfigError(f"config key 'index.target_recall' must be in (0, 1], got {cfg.index.target_recall}")
 

@@ -45,13 +45,19 @@ def storage_options(url: str) -> dict:
     return {"client_kwargs": client_kwargs, "use_listings_cache": False}
 
 
+_LOCAL = fsspec.filesystem("file")
+
+
 def is_remote(url: str) -> bool:
     return "://" in str(url) and not str(url).startswith("file://")
 
 
 def filesystem(url: str) -> Tuple[fsspec.AbstractFileSystem, str]:
     """(filesystem, path-within-it) for a local path or URL."""
-    return url_to_fs(str(url), **storage_options(str(url)))
+    url = str(url)
+    if "://" not in url and "::" not in url:  # a plain local path: skip URL parsing (every query checks files)
+        return _LOCAL, _LOCAL._strip_protocol(url)
+    return url_to_fs(url, **storage_options(url))
 
 
 def pyarrow_filesystem(url: str):

@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipeline.config import Config, env_token
 from pipeline.errors import NotFound, UserError
+from pipeline.serve.batching import CountArrivals
 from pipeline.serve.limits import ApiError, BodyLimitMiddleware
 from pipeline.serve.metrics import ApiMetrics
 from pipeline.serve.routes import admin, items, maintenance, query
@@ -111,6 +112,7 @@ def create_api(cfg: Config, memory: Any, token: Optional[str] = None) -> FastAPI
     app.state.ctx, app.state.metrics, app.state.memory = ctx, metrics, memory
     _add_error_handlers(app)
 
+    app.add_middleware(CountArrivals, batcher=ctx.batcher, paths=query.BATCHED_PATHS)
     app.add_middleware(Observe, metrics=metrics)
     app.add_middleware(MultipartTwins)
     app.add_middleware(BodyLimitMiddleware, max_bytes=cfg.serve.max_request_bytes)  # outermost: before parsing

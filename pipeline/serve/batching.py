@@ -2,13 +2,19 @@
 
 Every memory call pays fixed costs that do not grow with the number of queries in it: following the
 committed state (CURRENT, the table versions), one faiss call per shard, one metadata gather per shard, the
-vote. Under concurrent load a replica therefore answers more queries per second when the queries that
-arrive while a search runs are searched together in the next call. That is what this does, with no timer:
-a lone query starts at once (no added latency); queries arriving while `concurrency` calls are running wait
-for the next free call and go in together, up to `max_batch` rows.
+vote. Measured on the demo's shape (20k x 1280, 2 shards), a call costs 2.4 ms for one query and 0.77 ms
+per query for eight. Under concurrent load a replica therefore answers more queries per second when the
+queries that arrive together are searched together. That is what this does:
+
+- a lone query starts at once: no added latency when nothing else is in flight;
+- while other query requests are still being read and parsed by this replica (`arrived` counts them, from
+  the ASGI middleware `CountArrivals`), a call waits for them, at most `max_wait_s`, then takes every
+  query with the same options that queued, up to `max_batch` rows;
+- at most `concurrency` calls run at a time; queries that arrive meanwhile go into the next one.
 
 Why not `@serve.batch`: it needs a Serve replica context (the API also runs under plain ASGI servers and in
-tests) and batches on a timer; here the batch is simply what queued while the previous one ran.
+tests) and always waits its timer out when a batch is not full; here a call waits only for requests that
+are known to be on their way.
 
 Correctness: a batch's memory call starts after every query in it arrived, and the memory follows the
 committed state at the start of each call, so a query never sees state older than the moment it arrived
@@ -18,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
-from typing import Callable, Dict, Hashable, List, Tuple
+from typing import Callable, Dict, Hashable, Iterable, List, Tuple
 
 import numpy as np
 from starlette.concurrency import run_in_threadpool
@@ -30,26 +36,66 @@ class QueryBatcher:
     """Runs `fn(xq)` calls for concurrent queries, at most `concurrency` at a time, merging the queries that
     share a key into one call of at most `max_batch` rows (see module docstring)."""
 
-    def __init__(self, max_batch: int = 64, concurrency: int = 2):
-        if max_batch < 1 or concurrency < 1:
-            raise ValueError(f"max_batch and concurrency must be >= 1, got {max_batch}, {concurrency}")
+    def __init__(self, max_batch: int = 64, concurrency: int = 2, max_wait_s: float = 0.005):
+        if max_batch < 1 or concurrency < 1 or max_wait_s < 0:
+            raise ValueError(f"need max_batch >= 1, concurrency >= 1, max_wait_s >= 0; got {max_batch}, "
+                             f"{concurrency}, {max_wait_s}")
         self.max_batch = max_batch
         self.concurrency = concurrency
+        self.max_wait_s = max_wait_s
         self.running = 0
+        self.arrived = 0  # query requests inside the app (CountArrivals), submitted or not
+        self.submitted = 0  # of those, the ones waiting in `pending` or in a running call
         # key -> (fn, [(queries, future)]) in arrival order of each key's oldest query
         self.pending: "OrderedDict[Hashable, Tuple[Rows, List[Tuple[np.ndarray, asyncio.Future]]]]" = OrderedDict()
+        self._since: float = 0.0  # when the oldest pending query was submitted
+        self._timer = None
         self.calls = 0
         self.queries = 0
 
     async def run(self, key: Hashable, fn: Rows, xq: np.ndarray) -> List:
         """The results of `fn` for the rows of `xq`, computed in a call that may hold other queries with `key`."""
-        fut = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        if not self.pending:
+            self._since = loop.time()
         self.pending.setdefault(key, (fn, []))[1].append((xq, fut))
+        self.submitted += 1
         self._start()
-        return await fut
+        try:
+            return await fut
+        finally:
+            self.submitted -= 1
+
+    def arrive(self) -> None:
+        self.arrived += 1
+
+    def leave(self) -> None:
+        self.arrived -= 1
+        if self.pending:
+            self._start()
+
+    def _queued_rows(self) -> int:
+        return sum(len(q) for _, waiting in self.pending.values() for q, _ in waiting)
+
+    def _should_wait(self) -> bool:
+        """Whether to hold the next call for query requests this replica is still reading (module docstring)."""
+        if self.arrived <= self.submitted or self.max_wait_s == 0:
+            return False
+        loop = asyncio.get_running_loop()
+        left = self._since + self.max_wait_s - loop.time()
+        if left <= 0 or self._queued_rows() >= self.max_batch:
+            return False
+        if self._timer is None:
+            self._timer = loop.call_later(left, self._on_timer)
+        return True
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._start()
 
     def _start(self) -> None:
-        while self.running < self.concurrency and self.pending:
+        while self.running < self.concurrency and self.pending and not self._should_wait():
             key, (fn, waiting) = next(iter(self.pending.items()))
             batch, rows = [], 0
             while waiting and (not batch or rows + len(waiting[0][0]) <= self.max_batch):
@@ -60,6 +106,7 @@ class QueryBatcher:
                 del self.pending[key]
             else:
                 self.pending.move_to_end(key)  # other keys get their turn before this key's next batch
+            self._since = asyncio.get_running_loop().time()  # the rest wait afresh for the next call
             self.running += 1
             asyncio.get_running_loop().create_task(self._call(fn, batch))
 
@@ -88,3 +135,22 @@ class QueryBatcher:
         """Calls made, queries answered, and queries per call so far."""
         return {"calls": self.calls, "queries": self.queries,
                 "queries_per_call": round(self.queries / self.calls, 2) if self.calls else 0.0}
+
+
+class CountArrivals:
+    """Pure ASGI: tells `batcher` when a query request (POST to one of `paths`) enters and leaves the app,
+    so that a call can wait for queries still being read instead of leaving them for the next call."""
+
+    def __init__(self, app, batcher: QueryBatcher, paths: Iterable[str]):
+        self.app = app
+        self.batcher = batcher
+        self.paths = frozenset(paths)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in self.paths:
+            return await self.app(scope, receive, send)
+        self.batcher.arrive()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.batcher.leave()

@@ -5,9 +5,9 @@ from fastapi import APIRouter, Depends, Request
 from starlette.responses import Response
 
 from pipeline.serve import models as m
-from pipeline.serve.routes.common import ServeContext, context, need_read, need_write, to_jsonable
+from pipeline.serve.routes.common import JSONRoute, ServeContext, context, need_read, need_write, to_jsonable
 
-router = APIRouter(tags=["admin"], responses=m.ERRORS)
+router = APIRouter(route_class=JSONRoute, tags=["admin"], responses=m.ERRORS)
 
 
 @router.get("/healthz", response_model=m.Health, summary="liveness: 200 when the memory answers")

@@ -10,11 +10,11 @@ from fastapi import APIRouter, Depends, File, Form, Path, UploadFile
 
 from pipeline.serve import models as m
 from pipeline.serve.limits import ApiError, new_key, parse_image, parse_label_name, parse_token
-from pipeline.serve.routes.common import (PNG, ServeContext, image_response, image_url, need_read, need_write,
+from pipeline.serve.routes.common import (PNG, JSONRoute, ServeContext, image_response, image_url, need_read, need_write,
                                           to_jsonable)
 from pipeline.serve.routes.query import vectors
 
-router = APIRouter(tags=["items"], responses=m.ERRORS)
+router = APIRouter(route_class=JSONRoute, tags=["items"], responses=m.ERRORS)
 ItemId = Path(ge=0, le=m.INT64_MAX, description="item id")
 
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends
 
 from pipeline.serve import models as m
-from pipeline.serve.routes.common import ServeContext, need_write, to_jsonable
+from pipeline.serve.routes.common import JSONRoute, ServeContext, need_write, to_jsonable
 
-router = APIRouter(tags=["maintenance"], responses=m.ERRORS)
+router = APIRouter(route_class=JSONRoute, tags=["maintenance"], responses=m.ERRORS)
 
 
 @router.post("/v1/compact", response_model=m.Report,

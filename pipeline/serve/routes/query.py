@@ -14,10 +14,12 @@ from starlette.responses import Response
 
 from pipeline.serve import models as m
 from pipeline.serve.limits import ApiError, parse_image
-from pipeline.serve.routes.common import (ServeContext, hits, need_read, prediction_json, to_jsonable,
+from pipeline.serve.routes.common import (JSONRoute, ServeContext, hits, need_read, prediction_json, to_jsonable,
                                           validation_message)
 
-router = APIRouter(tags=["query"], responses=m.ERRORS)
+router = APIRouter(route_class=JSONRoute, tags=["query"], responses=m.ERRORS)
+# The JSON query routes whose embeddings go through the replica's QueryBatcher.
+BATCHED_PATHS = ("/v1/classify", "/v1/classify/batch", "/v1/search", "/v1/search/batch")
 
 
 # ---- inputs ----------------------------------------------------------------------------------------------
