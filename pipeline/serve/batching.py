@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
-from typing import Callable, Dict, Hashable, Iterable, List, Tuple
+from concurrent.futures import Executor
+from typing import Callable, Dict, Hashable, Iterable, List, Optional, Tuple
 
 import numpy as np
-from starlette.concurrency import run_in_threadpool
 
 Rows = Callable[[np.ndarray], List]  # (n, dim) queries -> n results, one per row
 
@@ -36,13 +36,15 @@ class QueryBatcher:
     """Runs `fn(xq)` calls for concurrent queries, at most `concurrency` at a time, merging the queries that
     share a key into one call of at most `max_batch` rows (see module docstring)."""
 
-    def __init__(self, max_batch: int = 64, concurrency: int = 2, max_wait_s: float = 0.005):
+    def __init__(self, max_batch: int = 64, concurrency: int = 2, max_wait_s: float = 0.005,
+                 executor: Optional[Executor] = None):
         if max_batch < 1 or concurrency < 1 or max_wait_s < 0:
             raise ValueError(f"need max_batch >= 1, concurrency >= 1, max_wait_s >= 0; got {max_batch}, "
                              f"{concurrency}, {max_wait_s}")
         self.max_batch = max_batch
         self.concurrency = concurrency
         self.max_wait_s = max_wait_s
+        self.executor = executor  # None: the event loop's default executor
         self.running = 0
         self.arrived = 0  # query requests inside the app (CountArrivals), submitted or not
         self.submitted = 0  # of those, the ones waiting in `pending` or in a running call
@@ -116,7 +118,7 @@ class QueryBatcher:
             self.calls += 1
             self.queries += len(batch)
             try:
-                out = await run_in_threadpool(fn, xq)
+                out = await asyncio.get_running_loop().run_in_executor(self.executor, fn, xq)
             except Exception as e:  # every query of the call gets the error (inputs were checked before)
                 for _, fut in batch:
                     if not fut.done():

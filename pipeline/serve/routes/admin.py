@@ -18,7 +18,7 @@ async def healthz(ctx: ServeContext = Depends(context)):
 
 @router.get("/metrics", include_in_schema=False)
 async def prometheus(request: Request):
-    body, ctype = await context(request).read(request.app.state.metrics.render)
+    body, ctype = await request.app.state.ctx.read(request.app.state.metrics.render)
     return Response(body, media_type=ctype)
 
 

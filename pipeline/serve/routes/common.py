@@ -6,7 +6,10 @@ import dataclasses
 import io
 import json
 import math
+import asyncio
+import functools
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, List, Optional
 
@@ -15,7 +18,6 @@ import pydantic_core
 from fastapi import Depends, Request
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from pipeline.config import Config
@@ -29,16 +31,22 @@ bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <token
 
 @dataclass
 class ServeContext:
+    """The served memory, its settings, and the threads that run memory calls.
+
+    Memory calls run on a pool of this replica's own, not on anyio's: anyio ties its worker threads to the
+    task it takes for the root, and under Serve's direct ingress that churned threads, and each new thread
+    opens its own Lance handles (~1 ms each)."""
     cfg: Config
     memory: Any
     token: Optional[str]
     write_lock: threading.Lock = field(default_factory=threading.Lock)
+    pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(16, thread_name_prefix="vmem-api"))
     batcher: QueryBatcher = None  # type: ignore[assignment]  # set from cfg.serve in __post_init__
 
     def __post_init__(self):
         if self.batcher is None:
             sc = self.cfg.serve
-            self.batcher = QueryBatcher(sc.query_batch, sc.query_concurrency, sc.query_wait_ms / 1000)
+            self.batcher = QueryBatcher(sc.query_batch, sc.query_concurrency, sc.query_wait_ms / 1000, self.pool)
 
     @property
     def dim(self) -> Optional[int]:
@@ -46,15 +54,15 @@ class ServeContext:
         return int(dim) if isinstance(dim, (int, np.integer)) else None
 
     async def read(self, fn: Callable, *args, **kwargs):
-        """Run a memory call in the thread pool (the event loop stays free while faiss searches)."""
-        return await run_in_threadpool(fn, *args, **kwargs)
+        """Run a memory call on the pool (the event loop stays free while faiss searches)."""
+        return await asyncio.get_running_loop().run_in_executor(self.pool, functools.partial(fn, *args, **kwargs))
 
     async def write(self, fn: Callable, *args, **kwargs):
-        """Run a mutation in the thread pool, one at a time in this replica."""
+        """Run a mutation on the pool, one at a time in this replica."""
         def locked():
             with self.write_lock:
                 return fn(*args, **kwargs)
-        return await run_in_threadpool(locked)
+        return await self.read(locked)
 
 
 class FastJSONRequest(Request):
@@ -84,19 +92,19 @@ class JSONRoute(APIRoute):
         return route_handler
 
 
-def context(request: Request) -> ServeContext:
+async def context(request: Request) -> ServeContext:
     return request.app.state.ctx
 
 
-def need_read(request: Request, ctx: ServeContext = Depends(context),
-              _: Optional[HTTPAuthorizationCredentials] = Depends(bearer)) -> ServeContext:
+async def need_read(request: Request, ctx: ServeContext = Depends(context),
+                    _: Optional[HTTPAuthorizationCredentials] = Depends(bearer)) -> ServeContext:
     if ctx.cfg.serve.protect_reads:
         check_bearer(request.headers.get("authorization"), ctx.token, what="reads (serve.protect_reads is on)")
     return ctx
 
 
-def need_write(request: Request, ctx: ServeContext = Depends(context),
-               _: Optional[HTTPAuthorizationCredentials] = Depends(bearer)) -> ServeContext:
+async def need_write(request: Request, ctx: ServeContext = Depends(context),
+                     _: Optional[HTTPAuthorizationCredentials] = Depends(bearer)) -> ServeContext:
     check_bearer(request.headers.get("authorization"), ctx.token)
     return ctx
 

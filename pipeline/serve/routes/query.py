@@ -61,15 +61,15 @@ K_FORM = Form(None, description="neighbours (default memory.k)")
 NPROBE_FORM = Form(None, description="IVF lists probed")
 
 
-def query_form(k: Optional[int] = K_FORM, nprobe: Optional[int] = NPROBE_FORM) -> m.QueryOptions:
+async def query_form(k: Optional[int] = K_FORM, nprobe: Optional[int] = NPROBE_FORM) -> m.QueryOptions:
     """The search options of a multipart request, checked by the same model as the JSON bodies."""
     return _form(m.QueryOptions, k=k, nprobe=nprobe)
 
 
-def vote_form(k: Optional[int] = K_FORM, nprobe: Optional[int] = NPROBE_FORM,
-              method: Optional[str] = Form(None, description="vote method (default memory.method)"),
-              params: Optional[str] = Form(None, description='vote parameters as JSON, e.g. {"tau": 0.07}')
-              ) -> m.VoteOptions:
+async def vote_form(k: Optional[int] = K_FORM, nprobe: Optional[int] = NPROBE_FORM,
+                    method: Optional[str] = Form(None, description="vote method (default memory.method)"),
+                    params: Optional[str] = Form(None, description='vote parameters as JSON, e.g. {"tau": 0.07}')
+                    ) -> m.VoteOptions:
     """The vote options of a multipart request, checked by the same model as the JSON bodies."""
     try:
         p = json.loads(params) if params else {}
