@@ -85,8 +85,11 @@ def test_vmem_serve_stops_cleanly(sig, tmp_path):
                        timeout=60)
         assert r.status_code == 200 and r.json()["neighbors"][0]["id"] == int(data.ids[0]), r.text
         session = session_of(proc.pid)
-        family = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+        children = psutil.Process(proc.pid).children(recursive=True)
+        family = [proc.pid] + [c.pid for c in children]
         assert ray_processes(session), "expected Ray processes while serving"
+        # serve.direct_ingress (the default): HAProxy answers serve.port, and must stop with the rest.
+        assert any(c.name() == "haproxy" for c in children), [c.name() for c in children]
         t0 = time.time()
         proc.send_signal(sig)
         out, _ = proc.communicate(timeout=STOP_WITHIN_S)

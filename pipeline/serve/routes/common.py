@@ -151,7 +151,7 @@ def prediction_json(p: Any, k: int) -> dict:
     neighbour's image URL (non-finite floats become null).
 
     Field by field rather than through `to_jsonable`: this runs for every answered query, and the generic
-    walk cost as much as the vote. `test_serve_app` checks that the two agree."""
+    walk cost as much as the vote. `test_serve_batching` checks that the two agree."""
     d = {f.name: getattr(p, f.name) for f in _PREDICTION_FIELDS}
     d.update(label=int(p.label), k=k, scores={str(c): _finite(s) for c, s in p.scores.items()},
              neighbors=[{**{f.name: getattr(n, f.name) for f in _NEIGHBOR_FIELDS},
