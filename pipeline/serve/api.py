@@ -4,8 +4,9 @@
 ingress or in any ASGI server (tests, the schemathesis run). The routes live in `pipeline.serve.routes`, one
 router per concern; their bodies are the pydantic models of `pipeline.serve.models`.
 
-Concurrency: memory calls run in a thread pool so the event loop stays free; mutations are serialised per
-replica by one lock; queries take no lock, so they keep flowing during compaction.
+Concurrency: memory calls run on the replica's thread pool so the event loop stays free; concurrent embedding
+queries with equal options share memory calls (`pipeline.serve.batching`); small mutations are serialised
+per replica by one lock; queries, adds and deletes keep flowing while a compaction or pruning job runs.
 Every error is JSON `{"error": message}`.
 
 Compatibility: API v1 clients posted multipart images to the JSON paths (/v1/classify, /v1/search,

@@ -57,6 +57,11 @@ class ServeContext:
         """Run a memory call on the pool (the event loop stays free while faiss searches)."""
         return await asyncio.get_running_loop().run_in_executor(self.pool, functools.partial(fn, *args, **kwargs))
 
+    async def job(self, fn: Callable, *args, **kwargs):
+        """Run a long maintenance job (compaction, pruning) on the pool without the write lock: the memory's
+        state is safe for concurrent writers in any process, so adds and deletes go on while it runs."""
+        return await self.read(fn, *args, **kwargs)
+
     async def write(self, fn: Callable, *args, **kwargs):
         """Run a mutation on the pool, one at a time in this replica."""
         def locked():

@@ -12,13 +12,13 @@ router = APIRouter(route_class=JSONRoute, tags=["maintenance"], responses=m.ERRO
 @router.post("/v1/compact", response_model=m.Report,
              summary="fold added and deleted items into new shards (a new committed version)")
 async def compact(ctx: ServeContext = Depends(need_write)):
-    report = await ctx.write(ctx.memory.compact)
+    report = await ctx.job(ctx.memory.compact)
     return to_jsonable(report) if report is not None else {"ok": True}
 
 
 @router.post("/v1/prune", response_model=m.Report, summary="hard/soft pruning: the memory queries itself")
 async def prune(body: m.PruneRequest, ctx: ServeContext = Depends(need_write)):
-    return to_jsonable(await ctx.write(lambda: ctx.memory.prune(**body.model_dump())))
+    return to_jsonable(await ctx.job(lambda: ctx.memory.prune(**body.model_dump())))
 
 
 @router.post("/v1/interventions", response_model=m.InterventionVersion,
