@@ -37,3 +37,15 @@ def test_large_memory_fans_out_to_one_deployment_per_shard_with_autoscaling(memo
     assert [s.name for s in shards] == ["shard-000", "shard-001", "shard-002"]
     assert all(s._deployment_config.autoscaling_config.max_replicas == 5 for s in shards)
     assert not ingress._deployment_config.logging_config["enable_access_log"]
+
+
+def test_direct_ingress_gives_each_server_its_own_haproxy_files_and_ports(make_config):
+    from pipeline.serve.server import haproxy_env
+
+    a, b = haproxy_env(make_config()), haproxy_env(make_config())
+    assert a["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    # two `vmem serve` on one machine must not share HAProxy's config, admin socket or listeners
+    for name in ("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC", "RAY_SERVE_HAPROXY_SOCKET_PATH",
+                 "RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"):
+        assert a[name] != b[name], name
+    assert haproxy_env(make_config("serve.direct_ingress=false")) == {}

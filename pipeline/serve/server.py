@@ -75,7 +75,9 @@ def start(cfg: Config, blocking: bool = False):
     from pipeline.serve.deployments import build_app
 
     if cfg.ray.address == "local":  # a joined cluster keeps the Serve settings it was started with
-        env = {**(THROUGHPUT_ENV if cfg.serve.throughput_optimized else {}), **haproxy_env(cfg)}
+        env = dict(THROUGHPUT_ENV if cfg.serve.throughput_optimized else {})
+        if "RAY_SERVE_ENABLE_HA_PROXY" not in os.environ:  # set by the user, or by an earlier start here
+            env.update(haproxy_env(cfg))
         for name, value in env.items():  # read by Serve's processes when Ray starts them
             os.environ.setdefault(name, value)
     init_ray(cfg)
