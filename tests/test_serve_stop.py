@@ -1,5 +1,7 @@
-"""`vmem serve` stops cleanly: SIGTERM or SIGINT ends it within seconds, without a native stack dump, and no
-Ray process of its session (raylet, GCS, agents, workers) is left in the process table."""
+"""`vmem serve` as users run it (a subprocess: HAProxy on serve.port, 2 ingress replicas, shard deployments):
+a delete acknowledged through one connection is in no answer on any later connection, whichever replica
+HAProxy picks; and it stops cleanly: SIGTERM or SIGINT ends it within seconds, without a native stack dump,
+and no Ray process of its session (raylet, GCS, agents, workers) nor HAProxy is left in the process table."""
 from __future__ import annotations
 
 import os
@@ -36,6 +38,34 @@ def ray_processes(session: str) -> list:
     return out
 
 
+def processes_naming(text: str) -> list:
+    """(pid, cmdline) of live processes whose command line contains `text`."""
+    import psutil
+
+    out = []
+    for p in psutil.process_iter(["pid", "cmdline", "status"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if text in cmd and p.info["status"] != psutil.STATUS_ZOMBIE:
+            out.append((p.info["pid"], cmd[:120]))
+    return out
+
+
+def haproxy_dir_of(pids: list) -> str:
+    """The per-server HAProxy directory (`/tmp/vmem-haproxy-*`) in the command line of one of `pids`."""
+    import re
+
+    import psutil
+
+    for pid in pids:
+        try:
+            m = re.search(r"\S*vmem-haproxy-[^/\s]+", " ".join(psutil.Process(pid).cmdline()))
+        except psutil.Error:  # exited meanwhile (HAProxy replaces itself on reloads)
+            continue
+        if m:
+            return m.group(0)
+    raise AssertionError("no HAProxy under `vmem serve` (serve.direct_ingress is the default)")
+
+
 def session_of(pid: int) -> str:
     """The Ray session name (session_<date>_<pid>) in the command line of one of `pid`'s descendants."""
     import re
@@ -63,11 +93,11 @@ def test_vmem_serve_stops_cleanly(sig, tmp_path):
     # Shard deployments forced on: a query below also checks `vmem serve`'s own settings reach the ingress's
     # calls to the shard handles.
     overrides = [f"workdir={tmp_path}/work", f"serve.port={port}", "ray.num_cpus=2",
-                 "serve.local_search_max_items=-1"]
+                 "serve.local_search_max_items=-1", "serve.ingress_replicas=2"]
     cfg = load_config(None, overrides)
     data = make_clusters(200, dim=8)
     build_synthetic_memory(cfg.memory_dir, data, num_shards=2, index_key="IVF4,Flat")
-    env = {**os.environ, "PYTHONPATH": ROOT}
+    env = {**os.environ, "PYTHONPATH": ROOT, "VMEM_TOKEN": "stop-token"}
     proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "serve", *overrides], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
@@ -84,12 +114,19 @@ def test_vmem_serve_stops_cleanly(sig, tmp_path):
         r = httpx.post(f"http://127.0.0.1:{port}/v1/classify", json={"embedding": data.xb[0].tolist(), "k": 3},
                        timeout=60)
         assert r.status_code == 200 and r.json()["neighbors"][0]["id"] == int(data.ids[0]), r.text
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/delete", json={"ids": [int(data.ids[0])]},
+                       headers={"Authorization": "Bearer stop-token"}, timeout=60)
+        assert r.status_code == 200 and r.json()["deleted"] == 1, r.text
+        for _ in range(12):  # a new connection each: HAProxy spreads them over both ingress replicas
+            r = httpx.post(f"http://127.0.0.1:{port}/v1/classify", json={"embedding": data.xb[0].tolist(), "k": 3},
+                           timeout=60)
+            assert r.status_code == 200 and int(data.ids[0]) not in [n["id"] for n in r.json()["neighbors"]], r.text
         session = session_of(proc.pid)
-        children = psutil.Process(proc.pid).children(recursive=True)
-        family = [proc.pid] + [c.pid for c in children]
+        family = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
         assert ray_processes(session), "expected Ray processes while serving"
-        # serve.direct_ingress (the default): HAProxy answers serve.port, and must stop with the rest.
-        assert any(c.name() == "haproxy" for c in children), [c.name() for c in children]
+        # serve.direct_ingress (the default): HAProxy answers serve.port, and must stop with the rest. It
+        # re-executes itself on each config reload, so it is followed by its config directory, not its pid.
+        haproxy_dir = haproxy_dir_of(family)
         t0 = time.time()
         proc.send_signal(sig)
         out, _ = proc.communicate(timeout=STOP_WITHIN_S)
@@ -103,6 +140,6 @@ def test_vmem_serve_stops_cleanly(sig, tmp_path):
     for dump in ("*** SIGTERM received", "Stack trace", "Fatal Python error", "Traceback"):
         assert dump not in out, out[-3000:]
     time.sleep(1)  # agents notice their raylet is gone within a moment
-    left = ray_processes(session) + [(p, "descendant") for p in family
+    left = ray_processes(session) + processes_naming(haproxy_dir) + [(p, "descendant") for p in family
                                      if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
     assert not left, f"Ray processes left after {sig.name}: {left}"
