@@ -48,14 +48,15 @@ def test_lone_query_starts_at_once_and_gets_its_own_rows():
 def test_waits_for_arriving_queries_then_answers_each_with_its_rows():
     async def main():
         b, fn = QueryBatcher(max_batch=64, concurrency=1, max_wait_s=60), Recorder()
-        for _ in range(3):
-            b.arrive()
-        tasks = [asyncio.create_task(b.run("k", fn, rows(*range(10 * i, 10 * i + i + 1)))) for i in range(3)]
+        arrivals = [b.arrive() for _ in range(3)]
+        first = asyncio.create_task(b.run("k", fn, rows(0), arrivals[0]))
         await asyncio.sleep(0)
-        assert b.running == 1 and fn.calls in ([], [6])  # one call, after the third arrival
-        results = await asyncio.gather(*tasks)
-        for _ in range(3):
-            b.leave()
+        assert b.running == 0  # two more requests are being read: the call waits for them
+        rest = [asyncio.create_task(b.run("k", fn, rows(*range(10 * i, 10 * i + i + 1)), arrivals[i]))
+                for i in (1, 2)]
+        results = await asyncio.gather(first, *rest)
+        for a in arrivals:
+            b.leave(a)
         assert fn.calls == [6]
         assert results == [[0.0], [10.0, 11.0], [20.0, 21.0, 22.0]]
         assert b.stats() == {"calls": 1, "queries": 3, "queries_per_call": 3.0}
@@ -66,10 +67,18 @@ def test_waits_for_arriving_queries_then_answers_each_with_its_rows():
 def test_a_request_that_never_queries_delays_the_call_by_at_most_max_wait():
     async def main():
         b, fn = QueryBatcher(max_batch=8, concurrency=1, max_wait_s=0.05), Recorder()
-        b.arrive()  # e.g. a request that will fail validation
-        b.arrive()
-        assert await asyncio.wait_for(b.run("k", fn, rows(5)), timeout=30) == [5.0]
+        b.arrive()  # e.g. a request that will fail validation and has not left yet
+        mine = b.arrive()
+        assert await asyncio.wait_for(b.run("k", fn, rows(5), mine), timeout=30) == [5.0]
         assert fn.calls == [1]
+
+        b = QueryBatcher(max_batch=8, concurrency=1, max_wait_s=60)
+        other, mine = b.arrive(), b.arrive()
+        task = asyncio.create_task(b.run("k", fn, rows(6), mine))
+        await asyncio.sleep(0)
+        assert b.running == 0  # waiting for `other`
+        b.leave(other)  # it answered without querying (say a 422): nothing left to wait for
+        assert b.running == 1 and await task == [6.0]
 
     asyncio.run(main())
 
@@ -91,15 +100,13 @@ def test_keys_batch_separately_max_batch_and_concurrency_hold():
 
         rng = random.Random(0)
         jobs = [(rng.choice("ab"), rows(*[rng.random() for _ in range(rng.randint(1, 3))])) for _ in range(40)]
-        async def request(k, x):  # what CountArrivals does around a request
+        async def request(k, x, arrival):  # what CountArrivals does around a request
             try:
-                return await b.run(k, lambda xq: [(k, v) for v in slow(xq)], x)
+                return await b.run(k, lambda xq: [(k, v) for v in slow(xq)], x, arrival)
             finally:
-                b.leave()
+                b.leave(arrival)
 
-        for _ in jobs:
-            b.arrive()
-        results = await asyncio.gather(*[request(k, x) for k, x in jobs])
+        results = await asyncio.gather(*[request(k, x, b.arrive()) for k, x in jobs])
         for (k, x), got in zip(jobs, results):
             assert got == [(k, float(v)) for v in x.sum(axis=1)]
         assert max(fn.calls) <= 4 and sum(fn.calls) == sum(len(x) for _, x in jobs)
@@ -116,12 +123,12 @@ def test_an_error_reaches_every_query_of_its_call_and_the_batcher_goes_on():
         def boom(xq):
             raise RuntimeError("disk on fire")
 
-        b.arrive()
-        b.arrive()
-        outs = await asyncio.gather(b.run("k", boom, rows(1)), b.run("k", boom, rows(2)), return_exceptions=True)
+        a1, a2 = b.arrive(), b.arrive()
+        outs = await asyncio.gather(b.run("k", boom, rows(1), a1), b.run("k", boom, rows(2), a2),
+                                    return_exceptions=True)
         assert all(isinstance(o, RuntimeError) for o in outs)
-        b.leave()
-        b.leave()
+        b.leave(a1)
+        b.leave(a2)
         assert await b.run("k", Recorder(), rows(3)) == [3.0]
 
     asyncio.run(main())
@@ -222,3 +229,23 @@ def test_bodies_parsed_by_the_fast_json_request_keep_fastapis_errors(served_app)
     bad, nan = asyncio.run(main())
     assert bad.status_code == 422 and "JSON" in bad.json()["error"], bad.text
     assert nan.status_code == 422 and "finite" in nan.json()["error"], nan.text
+
+
+def test_each_query_request_hands_its_arrival_to_the_batcher(served_app, monkeypatch):
+    """CountArrivals -> QueryBatcher.run in the same request context: otherwise every call would wait for
+    requests that have already queried."""
+    from pipeline.serve import batching
+
+    app, _, data = served_app
+    seen, run = [], batching.QueryBatcher.run
+
+    async def spy(self, key, fn, xq, arrival=None):
+        seen.append(batching.ARRIVAL.get())
+        return await run(self, key, fn, xq, arrival)
+
+    monkeypatch.setattr(batching.QueryBatcher, "run", spy)
+    responses = asyncio.run(_post_all(app, [("/v1/classify", {"embedding": x.tolist(), "k": 3}) for x in data.xb[:6]]
+                                      + [("/v1/search/batch", {"embeddings": data.xb[:2].tolist(), "k": 3})]))
+    assert all(r.status_code == 200 for r in responses)
+    assert len(seen) == 7 and all(a is not None and a.done for a in seen)
+    assert app.state.ctx.batcher.reading == 0

@@ -7,9 +7,9 @@ per query for eight. Under concurrent load a replica therefore answers more quer
 queries that arrive together are searched together. That is what this does:
 
 - a lone query starts at once: no added latency when nothing else is in flight;
-- while other query requests are still being read and parsed by this replica (`arrived` counts them, from
-  the ASGI middleware `CountArrivals`), a call waits for them, at most `max_wait_s`, then takes every
-  query with the same options that queued, up to `max_batch` rows;
+- while other query requests are still being read and parsed by this replica (`reading` counts them, from
+  the ASGI middleware `CountArrivals` until each queries or answers), a call waits for them, at most
+  `max_wait_s`, then takes every query with the same options that queued, up to `max_batch` rows;
 - at most `concurrency` calls run at a time; queries that arrive meanwhile go into the next one.
 
 Why not `@serve.batch`: it needs a Serve replica context (the API also runs under plain ASGI servers and in
@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 from collections import OrderedDict
 from concurrent.futures import Executor
+from contextvars import ContextVar
 from typing import Callable, Dict, Hashable, Iterable, List, Optional, Tuple
 
 import numpy as np
@@ -46,8 +47,7 @@ class QueryBatcher:
         self.max_wait_s = max_wait_s
         self.executor = executor  # None: the event loop's default executor
         self.running = 0
-        self.arrived = 0  # query requests inside the app (CountArrivals), submitted or not
-        self.submitted = 0  # of those, the ones waiting in `pending` or in a running call
+        self.reading = 0  # query requests inside the app (CountArrivals) that have not queried yet
         # key -> (fn, [(queries, future)]) in arrival order of each key's oldest query
         self.pending: "OrderedDict[Hashable, Tuple[Rows, List[Tuple[np.ndarray, asyncio.Future]]]]" = OrderedDict()
         self._since: float = 0.0  # when the oldest pending query was submitted
@@ -55,25 +55,32 @@ class QueryBatcher:
         self.calls = 0
         self.queries = 0
 
-    async def run(self, key: Hashable, fn: Rows, xq: np.ndarray) -> List:
-        """The results of `fn` for the rows of `xq`, computed in a call that may hold other queries with `key`."""
+    async def run(self, key: Hashable, fn: Rows, xq: np.ndarray, arrival: Optional["Arrival"] = None) -> List:
+        """The results of `fn` for the rows of `xq`, computed in a call that may hold other queries with `key`.
+
+        `arrival` (default: the one `CountArrivals` set for this request) stops counting as being read."""
+        self._read(arrival if arrival is not None else ARRIVAL.get())
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         if not self.pending:
             self._since = loop.time()
         self.pending.setdefault(key, (fn, []))[1].append((xq, fut))
-        self.submitted += 1
         self._start()
-        try:
-            return await fut
-        finally:
-            self.submitted -= 1
+        return await fut
 
-    def arrive(self) -> None:
-        self.arrived += 1
+    def arrive(self) -> "Arrival":
+        """A query request entered the app: calls may wait for it until it submits or leaves."""
+        self.reading += 1
+        return Arrival()
 
-    def leave(self) -> None:
-        self.arrived -= 1
+    def _read(self, arrival: Optional["Arrival"]) -> None:
+        if arrival is not None and not arrival.done:
+            arrival.done = True
+            self.reading -= 1
+
+    def leave(self, arrival: "Arrival") -> None:
+        """The request answered (or failed before it queried): nothing more to wait for from it."""
+        self._read(arrival)
         if self.pending:
             self._start()
 
@@ -82,7 +89,7 @@ class QueryBatcher:
 
     def _should_wait(self) -> bool:
         """Whether to hold the next call for query requests this replica is still reading (module docstring)."""
-        if self.arrived <= self.submitted or self.max_wait_s == 0:
+        if self.reading <= 0 or self.max_wait_s == 0:
             return False
         loop = asyncio.get_running_loop()
         left = self._since + self.max_wait_s - loop.time()
@@ -139,9 +146,21 @@ class QueryBatcher:
                 "queries_per_call": round(self.queries / self.calls, 2) if self.calls else 0.0}
 
 
+class Arrival:
+    """One query request on its way to the batcher (see `QueryBatcher.arrive`)."""
+    __slots__ = ("done",)
+
+    def __init__(self):
+        self.done = False
+
+
+# The arrival of the request being handled: set by CountArrivals, read by QueryBatcher.run in the same task.
+ARRIVAL: ContextVar[Optional[Arrival]] = ContextVar("vmem_query_arrival", default=None)
+
+
 class CountArrivals:
-    """Pure ASGI: tells `batcher` when a query request (POST to one of `paths`) enters and leaves the app,
-    so that a call can wait for queries still being read instead of leaving them for the next call."""
+    """Pure ASGI: tells `batcher` when a query request (POST to one of `paths`) enters the app, so that a
+    call can wait for queries still being read instead of leaving them for the next call."""
 
     def __init__(self, app, batcher: QueryBatcher, paths: Iterable[str]):
         self.app = app
@@ -151,8 +170,10 @@ class CountArrivals:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] != "POST" or scope["path"] not in self.paths:
             return await self.app(scope, receive, send)
-        self.batcher.arrive()
+        arrival = self.batcher.arrive()
+        token = ARRIVAL.set(arrival)
         try:
             await self.app(scope, receive, send)
         finally:
-            self.batcher.leave()
+            ARRIVAL.reset(token)
+            self.batcher.leave(arrival)
