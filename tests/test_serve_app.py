@@ -49,3 +49,18 @@ def test_direct_ingress_gives_each_server_its_own_haproxy_files_and_ports(make_c
                  "RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"):
         assert a[name] != b[name], name
     assert haproxy_env(make_config("serve.direct_ingress=false")) == {}
+
+
+def test_a_port_in_use_is_refused_with_a_message_before_ray_starts():
+    import socket
+
+    from pipeline.errors import UserError
+    from pipeline.serve.server import check_port_free
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(UserError, match=f"cannot serve on 127.0.0.1:{port}.*serve.port"):
+            check_port_free("127.0.0.1", port)
+    check_port_free("127.0.0.1", port)  # free again once its listener closed

@@ -27,6 +27,19 @@ SHUTDOWN_GRACE_S = 5.0
 THROUGHPUT_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1"}
 
 
+def check_port_free(host: str, port: int) -> None:
+    """UserError unless host:port can be bound now: said before Ray starts, instead of a proxy's traceback."""
+    from pipeline.errors import UserError
+
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers do: a port in TIME_WAIT is free
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise UserError(f"cannot serve on {host}:{port}: {e.strerror}; stop what uses it or pick another port "
+                            f"(serve.port=...)") from e
+
+
 def _free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -75,6 +88,7 @@ def start(cfg: Config, blocking: bool = False):
     from pipeline.serve.deployments import build_app
 
     if cfg.ray.address == "local":  # a joined cluster keeps the Serve settings it was started with
+        check_port_free(cfg.serve.host, cfg.serve.port)
         env = dict(THROUGHPUT_ENV if cfg.serve.throughput_optimized else {})
         if "RAY_SERVE_ENABLE_HA_PROXY" not in os.environ:  # set by the user, or by an earlier start here
             env.update(haproxy_env(cfg))
