@@ -2,8 +2,9 @@
 per index shard.
 
 ```
-HTTP -> Serve proxy -> Ingress replica 1..N (FastAPI; each opens the memory and follows its committed state)
-                         memory.search -> small memory: the shards, memory-mapped, searched in this process
+HTTP -> HAProxy (or Serve's proxy) -> Ingress replica 1..N (FastAPI; each opens the memory and follows its
+                                      committed state; concurrent queries batched by pipeline.serve.batching)
+                         memory.search -> small memory: the shards, in RAM, searched in this process
                                        -> large memory: ShardFanout ─┬─> shard-0 deployment (@serve.batch)
                                                                      ├─> shard-1 deployment
                                                                      └─> ...  merge_topk in the ingress
