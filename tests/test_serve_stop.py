@@ -26,20 +26,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def ray_processes(session: str) -> list:
-    """(pid, cmdline) of live processes whose command line names this Ray session."""
-    import psutil
-
-    out = []
-    for p in psutil.process_iter(["pid", "cmdline", "status"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if session in cmd and p.info["status"] != psutil.STATUS_ZOMBIE:
-            out.append((p.info["pid"], cmd[:120]))
-    return out
-
-
 def processes_naming(text: str) -> list:
-    """(pid, cmdline) of live processes whose command line contains `text`."""
+    """(pid, cmdline) of live processes whose command line contains `text` (a Ray session name, a directory)."""
     import psutil
 
     out = []
@@ -123,7 +111,7 @@ def test_vmem_serve_stops_cleanly(sig, tmp_path):
             assert r.status_code == 200 and int(data.ids[0]) not in [n["id"] for n in r.json()["neighbors"]], r.text
         session = session_of(proc.pid)
         family = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
-        assert ray_processes(session), "expected Ray processes while serving"
+        assert processes_naming(session), "expected Ray processes while serving"
         # serve.direct_ingress (the default): HAProxy answers serve.port, and must stop with the rest. It
         # re-executes itself on each config reload, so it is followed by its config directory, not its pid.
         haproxy_dir = haproxy_dir_of(family)
@@ -140,6 +128,6 @@ def test_vmem_serve_stops_cleanly(sig, tmp_path):
     for dump in ("*** SIGTERM received", "Stack trace", "Fatal Python error", "Traceback"):
         assert dump not in out, out[-3000:]
     time.sleep(1)  # agents notice their raylet is gone within a moment
-    left = ray_processes(session) + processes_naming(haproxy_dir) + [(p, "descendant") for p in family
+    left = processes_naming(session) + processes_naming(haproxy_dir) + [(p, "descendant") for p in family
                                      if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
     assert not left, f"Ray processes left after {sig.name}: {left}"
