@@ -16,8 +16,6 @@ import pytest
 pytestmark = pytest.mark.slow  # starts Ray: ~40 s on 2 busy cores
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STOP_WITHIN_S = 20
-RAY_NAMES = ("ray::", "raylet", "gcs_server", "dashboard", "DashboardAgent", "RuntimeEnvAgent",
-             "runtime_env", "default_worker")
 
 
 def free_port() -> int:
