@@ -22,8 +22,8 @@ log = logging.getLogger("vmem.serve")
 APP_NAME = "vmem"
 SHUTDOWN_GRACE_S = 5.0
 # Serve's own throughput mode: user code on the replica's main loop, gRPC between Serve's processes, buffered
-# request logs, direct ingress (each ingress replica answers HTTP itself); handles' routers run on a loop of
-# their own because the ingress calls shard handles from worker threads.
+# request logs, direct ingress (each ingress replica answers HTTP itself; `haproxy_env` puts HAProxy in front);
+# handles' routers run on a loop of their own because the ingress calls shard handles from worker threads.
 THROUGHPUT_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "1"}
 
 
@@ -91,7 +91,9 @@ def start(cfg: Config, blocking: bool = False):
         check_port_free(cfg.serve.host, cfg.serve.port)
         env = dict(THROUGHPUT_ENV if cfg.serve.throughput_optimized else {})
         if "RAY_SERVE_ENABLE_HA_PROXY" not in os.environ:  # set by the user, or by an earlier start here
-            env.update(haproxy_env(cfg))
+            # Without HAProxy in front, replicas answering HTTP on ports of their own would only open ports
+            # nobody is routed to: Serve's proxy keeps serve.port.
+            env.update(haproxy_env(cfg) or {"RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"})
         for name, value in env.items():  # read by Serve's processes when Ray starts them
             os.environ.setdefault(name, value)
     init_ray(cfg)
