@@ -2,12 +2,12 @@
 auth dependencies, the thread-pool call wrappers and the conversions of memory results to JSON."""
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import functools
 import io
 import json
 import math
-import asyncio
-import functools
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -21,6 +21,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.responses import Response
 
 from pipeline.config import Config
+from pipeline.memory.results import Neighbor, Prediction
 from pipeline.serve.auth import check_bearer
 from pipeline.serve.batching import QueryBatcher
 
@@ -41,12 +42,11 @@ class ServeContext:
     token: Optional[str]
     write_lock: threading.Lock = field(default_factory=threading.Lock)
     pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(16, thread_name_prefix="vmem-api"))
-    batcher: QueryBatcher = None  # type: ignore[assignment]  # set from cfg.serve in __post_init__
+    batcher: QueryBatcher = field(init=False)  # from cfg.serve, on `pool`
 
     def __post_init__(self):
-        if self.batcher is None:
-            sc = self.cfg.serve
-            self.batcher = QueryBatcher(sc.query_batch, sc.query_concurrency, sc.query_wait_ms / 1000, self.pool)
+        sc = self.cfg.serve
+        self.batcher = QueryBatcher(sc.query_batch, sc.query_concurrency, sc.query_wait_ms / 1000, self.pool)
 
     @property
     def dim(self) -> Optional[int]:
@@ -133,14 +133,15 @@ def to_jsonable(obj: Any) -> Any:
     return obj
 
 
-def _fields(cls_path: str):
-    from pipeline.memory import results
+def _float_fields(cls) -> tuple:
+    """Names of a result dataclass's float fields: the ones that may hold NaN/inf, which JSON cannot."""
+    return tuple(f.name for f in dataclasses.fields(cls) if f.type in ("float", "Optional[float]"))
 
-    return dataclasses.fields(getattr(results, cls_path))
 
-
-_PREDICTION_FIELDS = _fields("Prediction")
-_NEIGHBOR_FIELDS = _fields("Neighbor")
+_PREDICTION_FIELDS = dataclasses.fields(Prediction)
+_NEIGHBOR_FIELDS = dataclasses.fields(Neighbor)
+_PREDICTION_FLOATS = _float_fields(Prediction)
+_NEIGHBOR_FLOATS = _float_fields(Neighbor)
 
 
 def image_url(item_id: int) -> str:
@@ -151,20 +152,22 @@ def _finite(x: Optional[float]) -> Optional[float]:
     return None if x is None or not math.isfinite(x) else float(x)
 
 
+def _fields_of(obj: Any, fields: tuple, floats: tuple) -> dict:
+    d = {f.name: getattr(obj, f.name) for f in fields}
+    d.update({name: _finite(d[name]) for name in floats})
+    return d
+
+
 def prediction_json(p: Any, k: int) -> dict:
     """A `Prediction` as the API's dict: every field of it (trust signals included), `k`, and each
     neighbour's image URL (non-finite floats become null).
 
     Field by field rather than through `to_jsonable`: this runs for every answered query, and the generic
     walk cost as much as the vote. `test_serve_batching` checks that the two agree."""
-    d = {f.name: getattr(p, f.name) for f in _PREDICTION_FIELDS}
+    d = _fields_of(p, _PREDICTION_FIELDS, _PREDICTION_FLOATS)
     d.update(label=int(p.label), k=k, scores={str(c): _finite(s) for c, s in p.scores.items()},
-             neighbors=[{**{f.name: getattr(n, f.name) for f in _NEIGHBOR_FIELDS},
-                         "distance": _finite(n.distance), "weight": _finite(n.weight),
-                         "multiplier": _finite(n.multiplier), "gamma": _finite(n.gamma),
-                         "image_url": image_url(n.id)} for n in p.neighbors])
-    for name in ("confidence", "margin", "entropy", "ood_score", "probability"):
-        d[name] = _finite(d[name])
+             neighbors=[{**_fields_of(n, _NEIGHBOR_FIELDS, _NEIGHBOR_FLOATS), "image_url": image_url(n.id)}
+                        for n in p.neighbors])
     return d
 
 

@@ -10,8 +10,8 @@ from fastapi import APIRouter, Depends, File, Form, Path, UploadFile
 
 from pipeline.serve import models as m
 from pipeline.serve.limits import ApiError, new_key, parse_image, parse_label_name, parse_token
-from pipeline.serve.routes.common import (PNG, JSONRoute, ServeContext, image_response, image_url, need_read, need_write,
-                                          to_jsonable)
+from pipeline.serve.routes.common import (PNG, JSONRoute, ServeContext, image_response, image_url, need_read,
+                                          need_write, to_jsonable)
 from pipeline.serve.routes.query import vectors
 
 router = APIRouter(route_class=JSONRoute, tags=["items"], responses=m.ERRORS)

@@ -96,18 +96,23 @@ def _vote_args(ctx: ServeContext, opts: m.VoteOptions) -> Dict[str, Any]:
 
 # ---- the three operations ----------------------------------------------------------------------------------
 
+async def _answer(ctx: ServeContext, key: tuple, run, query: dict) -> list:
+    """`run(**query)` (one JSON result per query row) on the replica's pool. Embedding queries go through
+    the batcher, where concurrent queries with an equal `key` (the options) share one memory call; the
+    JSON is built in the worker thread too, so the event loop only moves bytes."""
+    if "embeddings" in query:
+        return await ctx.batcher.run(key, lambda xq: run(embeddings=xq), query["embeddings"])
+    return await ctx.read(lambda: run(**query))
+
+
 async def classify(ctx: ServeContext, query: dict, opts: m.VoteOptions) -> Tuple[int, str, List[dict]]:
     args = _vote_args(ctx, opts)
 
-    def run(**q) -> List[dict]:  # JSON built in the worker thread too: the event loop only moves bytes
+    def run(**q) -> List[dict]:
         return [prediction_json(p, args["k"]) for p in ctx.memory.classify(**q, **args)]
 
-    if "embeddings" in query:  # concurrent queries with the same options share one memory call
-        key = ("classify", *sorted((n, str(v)) for n, v in args.items()))
-        preds = await ctx.batcher.run(key, lambda xq: run(embeddings=xq), query["embeddings"])
-    else:
-        preds = await ctx.read(lambda: run(**query))
-    return args["k"], args["method"], preds
+    key = ("classify", *sorted((n, str(v)) for n, v in args.items()))
+    return args["k"], args["method"], await _answer(ctx, key, run, query)
 
 
 async def search(ctx: ServeContext, query: dict, opts: m.QueryOptions) -> Tuple[int, List[List[dict]]]:
@@ -117,11 +122,7 @@ async def search(ctx: ServeContext, query: dict, opts: m.QueryOptions) -> Tuple[
         res = ctx.memory.search(**q, k=k, nprobe=opts.nprobe)
         return [hits(res, r) for r in range(res.I.shape[0])]
 
-    if "embeddings" in query:
-        rows = await ctx.batcher.run(("search", k, opts.nprobe), lambda xq: run(embeddings=xq), query["embeddings"])
-    else:
-        rows = await ctx.read(lambda: run(**query))
-    return k, rows
+    return k, await _answer(ctx, ("search", k, opts.nprobe), run, query)
 
 
 async def explain(ctx: ServeContext, query: dict, opts: m.VoteOptions, fmt: str):
