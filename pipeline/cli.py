@@ -2,51 +2,43 @@
 
 Every command takes `--config FILE` (default: the embedded `configs/demo.yaml`) and any number of
 `key=value` overrides, e.g. `vmem embed --config configs/demo.yaml embed.batch_size=8`.
+
+Exit codes: 0 done (an edit that was committed exits 0 even when the maintenance after it fails: that is a
+warning line on stderr); 1 the command was refused or failed for a reason the user can fix (bad input,
+missing file or item: one line on stderr, nothing changed); 2 bad command line or config (one line).
+The subcommands live in pipeline/commands/ and register in pipeline.commands.registry; this module imports
+them, never the other way round.
 """
 from __future__ import annotations
 
 import argparse
+import logging
 import re
 import sys
-from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import List, NoReturn, Optional
 
-from pipeline.config import DEFAULT_CONFIG, Config, ConfigError, load_config
+from pipeline.commands import COMMANDS, Command  # importing the package registers every subcommand
+from pipeline.config import DEFAULT_CONFIG, ConfigError, load_config
 from pipeline.errors import UserError
+from pipeline.runtime import setup_logging
 
+__all__ = ["COMMANDS", "Command", "build_parser", "main"]
 
-@dataclass
-class Command:
-    name: str
-    help: str
-    example: str
-    run: Callable[[Config, argparse.Namespace], int]
-    add_args: Optional[Callable[[argparse.ArgumentParser], None]] = None
-
-
-COMMANDS: Dict[str, Command] = {}
 OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)*=")  # a config key (dotted) followed by '='
+# Libraries that log routine start-up facts at INFO (faiss names the SIMD build it loaded): at the default
+# level they would crowd out the one line an error or a warning prints on stderr.
+QUIET_LOGGERS = ("faiss.loader",)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (what is wrong, and where the help is), exit code 2."""
 
-def command(name: str, help: str, example: str, add_args=None):
-    """Register a `vmem NAME` subcommand; `example` is shown in its --help and must run as written."""
-
-    def wrap(fn):
-        COMMANDS[name] = Command(name, help, example, fn, add_args)
-        return fn
-
-    return wrap
-
-
-def _load_commands() -> None:
-    # Each layer's subcommands live in pipeline/commands/<layer>.py and register themselves on import.
-    import pipeline.commands  # noqa: F401
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    _load_commands()
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="vmem",
         description="visual-memory: classify images by similarity + search over an editable kNN memory.",
         epilog="Every command takes --config FILE (default configs/demo.yaml) and key=value overrides. "
@@ -68,8 +60,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from pipeline.runtime import setup_logging
-
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     # `key=value` config overrides are taken out first, so that commands can have positional arguments
@@ -80,6 +70,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.print_help()
         return 0
     setup_logging(args.log_level)
+    if logging.getLogger().getEffectiveLevel() > logging.DEBUG:
+        for name in QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
     cmd = COMMANDS[args.command]
     try:
         cfg = load_config(args.config, overrides)
@@ -90,12 +83,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         return int(cmd.run(cfg, args) or 0)
     except (UserError, FileNotFoundError) as e:
         # Expected failures (bad input, missing files) print one clear line, not a traceback.
-        print(f"vmem {cmd.name}: error: {e}", file=sys.stderr)
+        print(f"vmem {cmd.name}: error: {_one_line(e)}", file=sys.stderr)
         return 1
 
 
-if __name__ == "__main__":
-    # Run through the imported module so that commands register on the same COMMANDS as `vmem`.
-    from pipeline.cli import main as _main
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
 
-    sys.exit(_main())
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -225,7 +225,17 @@ CHOICES = {
 POSITIVE = ("data.samples_per_shard", "embed.batch_size", "embed.num_actors", "index.num_shards",
             "memory.k", "memory.rerank_k", "memory.ood_neighbors", "embed.rows_per_part",
             "embed.preprocess_batch_size", "serve.max_k", "serve.max_batch", "serve.ingress_replicas",
-            "serve.shard_replicas", "serve.max_request_bytes", "serve.query_batch", "serve.query_concurrency")
+            "serve.shard_replicas", "serve.max_request_bytes", "serve.query_batch", "serve.query_concurrency",
+            "memory.tau", "memory.alpha", "memory.delta_compact_items", "memory.prune_k",
+            "memory.hard_prune_threshold", "embed.cpus_per_actor", "index.train_sample", "index.recall_queries",
+            "index.build_batch_rows", "index.max_latency_ms", "serve.max_replicas", "demo.k")
+# None (= "choose for me") or > 0
+POSITIVE_OR_NONE = ("ray.num_cpus", "embed.image_size", "embed.torch_threads", "memory.rerank_image_size")
+NON_NEGATIVE = ("memory.grace_period_s", "memory.xi", "serve.query_wait_ms", "embed.max_failed_shards",
+                "index.rerank_k", "eval.max_queries", "demo.examples")
+# (low, high, low included): a fraction, a probability, a cosine distance
+RANGES = {"index.target_recall": (0.0, 1.0, False), "memory.compact_threshold": (0.0, 1.0, False),
+          "memory.abstain.min_confidence": (0.0, 1.0, True), "memory.abstain.max_ood": (0.0, 2.0, True)}
 
 
 def _fields(node_type: type) -> List[str]:
@@ -266,14 +276,27 @@ def _check(cfg: Config) -> None:
         value = _select(cfg, dotted)
         if value not in valid:
             raise ConfigError(f"invalid value {value!r} for config key '{dotted}': choose one of {', '.join(valid)}")
-    for dotted in POSITIVE:
+    # Ranges are refused, never clamped: `grace_period_s=-5` once ran as 0 without a word.
+    for dotted in POSITIVE + POSITIVE_OR_NONE:
         value = _select(cfg, dotted)
-        if value is None or value <= 0:
+        if (value is None and dotted in POSITIVE) or (value is not None and not value > 0):
             raise ConfigError(f"config key '{dotted}' must be > 0, got {value!r}")
-    if cfg.serve.query_wait_ms < 0:
-        raise ConfigError(f"config key 'serve.query_wait_ms' must be >= 0, got {cfg.serve.query_wait_ms}")
-    if not 0 < cfg.index.target_recall <= 1:
-        raise ConfigError(f"config key 'index.target_recall' must be in (0, 1], got {cfg.index.target_recall}")
+    for dotted in NON_NEGATIVE:
+        value = _select(cfg, dotted)
+        if not value >= 0:  # `not >=` also refuses NaN
+            raise ConfigError(f"config key '{dotted}' must be >= 0, got {value!r}")
+    for dotted, (low, high, low_ok) in RANGES.items():
+        value = _select(cfg, dotted)
+        if value is not None and not ((low <= value if low_ok else low < value) and value <= high):
+            raise ConfigError(f"config key '{dotted}' must be in {'[' if low_ok else '('}{low:g}, {high:g}], "
+                              f"got {value!r}")
+    if not 0 < cfg.serve.port < 65536:
+        raise ConfigError(f"config key 'serve.port' must be a TCP port (1..65535), got {cfg.serve.port}")
+    if not cfg.eval.ks or min(cfg.eval.ks) <= 0:
+        raise ConfigError(f"config key 'eval.ks' must be a non-empty list of k > 0, got {list(cfg.eval.ks)}")
+    bad = {name: n for name, n in cfg.data.splits.items() if n < 0}
+    if bad:
+        raise ConfigError(f"config key 'data.splits' takes sample counts >= 0 (0 = all), got {bad}")
 
 
 def resolve_config_path(path: Optional[str]) -> Path:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.cli import command
+from pipeline.commands.registry import command
 from pipeline.config import Config
 
 

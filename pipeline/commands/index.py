@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from pipeline.cli import command
+from pipeline.commands.inputs import load_vectors, positive_int
+from pipeline.commands.registry import command
 from pipeline.config import Config
 
 
@@ -34,11 +35,11 @@ def cmd_build(cfg: Config, args: argparse.Namespace) -> int:
 
 def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--items", required=True, help="number of items, e.g. 1e9 or 5M")
-    p.add_argument("--dim", required=True, type=int, help="vector dimension")
+    p.add_argument("--dim", required=True, type=positive_int, help="vector dimension")
     p.add_argument("--ram-per-node", required=True, help="RAM of one node, e.g. 256GiB")
     p.add_argument("--index-key", default=None, help="faiss key (default: autofaiss's choice + the IVF rule)")
     p.add_argument("--max-memory", default=None, help="index memory budget (default: 1/32 of float32 size)")
-    p.add_argument("--shards", type=int, default=1, help="minimum number of shards")
+    p.add_argument("--shards", type=positive_int, default=1, help="minimum number of shards")
 
 
 @command("plan", "estimate index key, bytes per item, RAM, shards and nodes for a memory of a given size",
@@ -58,30 +59,24 @@ def _query_args(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--image", nargs="+", help="image file(s) to embed with the memory's encoder and search")
     g.add_argument("--vectors", help=".npy file of (n, dim) query vectors")
-    p.add_argument("-k", "--k", type=int, default=10, help="neighbours per query (default 10)")
-    p.add_argument("--nprobe", type=int, default=None, help="lists to probe (default: the manifest's)")
-    p.add_argument("--version", type=int, default=None, help="memory version (default: CURRENT)")
+    p.add_argument("-k", "--k", type=positive_int, default=10, help="neighbours per query (default 10)")
+    p.add_argument("--nprobe", type=positive_int, default=None, help="lists to probe (default: the manifest's)")
+    p.add_argument("--version", type=positive_int, default=None, help="memory version (default: CURRENT)")
 
 
 @command("query", "k nearest items (ids, scores, labels, keys) of images or vectors in the memory",
          "vmem query --config configs/demo.yaml --vectors queries.npy -k 5", _query_args)
 def cmd_query(cfg: Config, args: argparse.Namespace) -> int:
-    import numpy as np
-
     from pipeline import storage
-    from pipeline.errors import UserError
     from pipeline.memory.memory import VisualMemory
 
     storage.configure(cfg.storage)
     # Through the memory, not the bare router: deletions, adds and relabels apply here as everywhere else.
     mem = VisualMemory.open(cfg.memory_dir, version=args.version, cfg=cfg)
     if args.vectors:
-        try:
-            xq = np.load(args.vectors)
-        except (OSError, ValueError) as e:
-            raise UserError(f"cannot read query vectors from {args.vectors}: {e}") from e
-        names = [f"{args.vectors}[{i}]" for i in range(len(np.atleast_2d(xq)))]
-        res = mem.search(embeddings=np.atleast_2d(xq), k=args.k, nprobe=args.nprobe)
+        xq = load_vectors(args.vectors, mem.dim)
+        names = [f"{args.vectors}[{i}]" for i in range(len(xq))]
+        res = mem.search(embeddings=xq, k=args.k, nprobe=args.nprobe)
     else:
         names = list(args.image)
         res = mem.search(images=names, k=args.k, nprobe=args.nprobe)

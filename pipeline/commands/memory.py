@@ -3,35 +3,66 @@ and of evaluation (eval)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import logging
+import math
+import sys
 
-from pipeline.cli import command
+from pipeline.commands.inputs import item_id, label, load_vectors, positive_int
+from pipeline.commands.registry import command
 from pipeline.config import Config
 from pipeline.errors import UserError
 
+log = logging.getLogger("vmem")
 
-def _open(cfg: Config):
+def _open(cfg: Config, auto_compact: bool = True):
+    """The memory of `cfg`. `auto_compact=False` for edits: `_maintain` runs compaction after the edit's
+    result is printed, so that a failing compaction cannot turn a committed edit into a failed command."""
     from pipeline import storage
     from pipeline.memory.memory import VisualMemory
 
     storage.configure(cfg.storage)
+    if not auto_compact:
+        cfg = dataclasses.replace(cfg, memory=dataclasses.replace(cfg.memory, auto_compact=False))
     return VisualMemory.open(cfg.memory_dir, cfg=cfg)
+
+
+def _maintain(cfg: Config, mem) -> None:
+    """Auto-compaction after a committed edit (when due and `memory.auto_compact`).
+
+    The edit is durable and its result printed before this runs, so a failure here is a warning line on
+    stderr, never a traceback or a non-zero exit: a client that trusts the exit code must not retry an edit
+    that was made. Compaction can be run again at any time (`vmem compact`)."""
+    sys.stdout.flush()
+    if not cfg.memory.auto_compact:
+        return
+    try:
+        why = mem.needs_compaction()
+        if why:
+            log.info("compacting: %s", why)
+            mem.compact()
+    except Exception as e:  # whatever broke, the edit stands; `vmem compact` reports the cause in full
+        reason = " ".join(str(e).split()) or type(e).__name__
+        print(f"vmem: warning: edit committed; auto-compaction failed: {type(e).__name__}: {reason}; "
+              f"run 'vmem compact'", file=sys.stderr)
 
 
 def _query_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("images", nargs="*", help="image files (local or s3://)")
     p.add_argument("--vectors", help="an .npy file of (n, dim) embeddings instead of images")
-    p.add_argument("-k", "--k", type=int, help="neighbours (default memory.k)")
+    p.add_argument("-k", "--k", type=positive_int, help="neighbours (default memory.k)")
     p.add_argument("--method", help="vote method (default memory.method)")
     p.add_argument("--json", action="store_true", help="print full JSON (neighbours included)")
 
 
-def _inputs(args):
+def _inputs(args, dim: int):
+    """(image paths, None) or (None, checked (n, dim) vectors) from the command line."""
     images = [a for a in args.images if "=" not in a]
+    if args.vectors and images:
+        raise UserError("give image files or --vectors F.npy, not both")
     if args.vectors:
-        import numpy as np
-
-        return None, np.load(args.vectors)
+        return None, load_vectors(args.vectors, dim)
     if not images:
         raise UserError("give image files or --vectors F.npy")
     return images, None
@@ -53,7 +84,7 @@ def _trust_line(p) -> str:
          "vmem classify --vectors work/queries.npy --k 10 --method rank", _query_args)
 def cmd_classify(cfg: Config, args: argparse.Namespace) -> int:
     mem = _open(cfg)
-    images, vectors = _inputs(args)
+    images, vectors = _inputs(args, mem.dim)
     preds = mem.classify(images=images, embeddings=vectors, k=args.k, method=args.method)
     names = images or [f"vector[{i}]" for i in range(len(preds))]
     for name, p in zip(names, preds):
@@ -74,7 +105,7 @@ def _explain_args(p: argparse.ArgumentParser) -> None:
          "vmem explain photo.png -o sheet.png --k 10", _explain_args)
 def cmd_explain(cfg: Config, args: argparse.Namespace) -> int:
     mem = _open(cfg)
-    images, vectors = _inputs(args)
+    images, vectors = _inputs(args, mem.dim)
     pred = mem.explain(image=images[0] if images else None, embedding=None if vectors is None else vectors[:1],
                        k=args.k, method=args.method, out=args.out)
     print(f"{pred.label_name}\t{args.out}")
@@ -84,44 +115,52 @@ def cmd_explain(cfg: Config, args: argparse.Namespace) -> int:
 def _add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("images", nargs="*", help="image files")
     p.add_argument("--vectors", help=".npy embeddings instead of images")
-    p.add_argument("--label", type=int, action="append", required=True, help="label (once, or once per item)")
+    p.add_argument("--label", type=label, action="append", required=True,
+                   help="label, an integer >= 0 (once, or once per item)")
     p.add_argument("--label-name", help="name of the label (new classes)")
     p.add_argument("--key", action="append", help="external key per item (default: the file name)")
-    p.add_argument("--source", default="cli")
+    p.add_argument("--source", default="cli", help="source recorded with the items (default cli)")
 
 
 @command("add", "add labelled images or vectors to the memory (durable, visible to the next query)",
          "vmem add new.png --label 10 --label-name novel --key new-0001", _add_args)
 def cmd_add(cfg: Config, args: argparse.Namespace) -> int:
-    mem = _open(cfg)
-    images, vectors = _inputs(args)
+    mem = _open(cfg, auto_compact=False)
+    images, vectors = _inputs(args, mem.dim)
     n = len(images) if images else len(vectors)
+    what = f"{n} image(s)" if images else f"{n} vector(s) in {args.vectors}"
+    if len(args.label) not in (1, n):
+        raise UserError(f"--label given {len(args.label)} times for {what}: give it once, or once per item")
     labels = args.label * n if len(args.label) == 1 else args.label
     keys = args.key or (images if images else None)
     if keys is None:
-        raise UserError("--key is required (once per vector) when adding --vectors")
+        raise UserError(f"--key is required (once per vector) when adding --vectors: {what}")
+    if len(keys) != n:
+        raise UserError(f"--key given {len(keys)} times for {what}: give it once per item")
     names = [args.label_name] * n if args.label_name else None
     ids = mem.add(images=images, embeddings=vectors, labels=labels, keys=keys, label_names=names,
                   sources=[args.source] * n)
     for k, i in zip(keys, ids):
         print(f"{i}\t{k}")
+    _maintain(cfg, mem)
     mem.close()
     return 0
 
 
 def _delete_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--id", type=int, action="append", help="item id (repeatable)")
-    p.add_argument("--label", type=int, help="delete every item with this label")
+    p.add_argument("--id", type=item_id, action="append", help="item id (repeatable)")
+    p.add_argument("--label", type=label, help="delete every item with this label")
     p.add_argument("--source", help="delete every item from this source")
 
 
 @command("delete", "delete items by id, label or source (durable; invisible to the next query)",
          "vmem delete --id 123456789", _delete_args)
 def cmd_delete(cfg: Config, args: argparse.Namespace) -> int:
-    mem = _open(cfg)
+    mem = _open(cfg, auto_compact=False)
     n = mem.delete(ids=args.id, label=args.label, source=args.source)
     print(f"deleted {n} item(s); {mem.stats()['forgotten_pending_erasure']} deleted item(s) wait for "
           f"`vmem compact` to erase them")
+    _maintain(cfg, mem)
     mem.close()
     return 0
 
@@ -155,7 +194,7 @@ def cmd_compact(cfg: Config, args: argparse.Namespace) -> int:
 def _prune_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-hard", action="store_true", help="skip hard pruning (tombstones)")
     p.add_argument("--no-soft", action="store_true", help="skip soft pruning (gamma overlay)")
-    p.add_argument("--threshold", type=int, help="hard pruning threshold (default memory.hard_prune_threshold)")
+    p.add_argument("--threshold", type=positive_int, help="hard pruning threshold (default memory.hard_prune_threshold)")
     p.add_argument("--dry-run", action="store_true")
 
 
@@ -168,14 +207,39 @@ def cmd_prune(cfg: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-def _pairs(values, key_type, what, value_type=float):
+def _weight(text: str) -> float:
+    w = float(text)
+    if not math.isfinite(w) or w < 0:
+        raise ValueError(f"a weight is a finite number >= 0, got {text}")
+    return w
+
+
+def _pairs(values, key_type, what, value_type=_weight):
+    """{key: value} from KEY:VALUE arguments; a malformed one is a UserError naming the option."""
     out = {}
     for v in values or []:
         k, sep, w = v.partition(":")
         if not sep:
             raise UserError(f"{what} must look like KEY:VALUE, got {v!r}")
-        out[key_type(k)] = value_type(w)
+        try:
+            out[key_type(k)] = value_type(w)
+        except ValueError as e:
+            raise UserError(f"{what} {v!r}: {e}") from None
     return out
+
+
+def _pair_label(text: str) -> int:
+    try:
+        return label(text)
+    except argparse.ArgumentTypeError as e:
+        raise ValueError(str(e)) from None
+
+
+def _pair_id(text: str) -> int:
+    try:
+        return item_id(text)
+    except argparse.ArgumentTypeError as e:
+        raise ValueError(str(e)) from None
 
 
 def _intervene_args(p: argparse.ArgumentParser) -> None:
@@ -189,17 +253,17 @@ def _intervene_args(p: argparse.ArgumentParser) -> None:
 @command("intervene", "weight or relabel items, classes or sources in the vote (versioned overlay)",
          "vmem intervene --label-weight 3:0.5 --source-weight web:0", _intervene_args)
 def cmd_intervene(cfg: Config, args: argparse.Namespace) -> int:
-    v = _open(cfg).intervene(item_weights=_pairs(args.item, int, "--item"),
-                             label_weights=_pairs(args.label_weight, int, "--label-weight"),
+    v = _open(cfg).intervene(item_weights=_pairs(args.item, _pair_id, "--item"),
+                             label_weights=_pairs(args.label_weight, _pair_label, "--label-weight"),
                              source_weights=_pairs(args.source_weight, str, "--source-weight"),
-                             relabel=_pairs(args.relabel, int, "--relabel", int), clear=args.clear)
+                             relabel=_pairs(args.relabel, _pair_id, "--relabel", _pair_label), clear=args.clear)
     print(f"interventions version {v}")
     return 0
 
 
 def _relabel_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--id", type=int, action="append", required=True, help="item id (repeatable)")
-    p.add_argument("--label", type=int, required=True, help="the new label")
+    p.add_argument("--id", type=item_id, action="append", required=True, help="item id (repeatable)")
+    p.add_argument("--label", type=label, required=True, help="the new label (an integer >= 0)")
     p.add_argument("--label-name", help="its name (default: the memory's name for that label)")
 
 
@@ -222,7 +286,7 @@ def cmd_versions(cfg: Config, args: argparse.Namespace) -> int:
 
 
 def _rollback_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("version", type=int, help="the version (from `vmem versions`) to go back to")
+    p.add_argument("version", type=positive_int, help="the version (from `vmem versions`) to go back to")
 
 
 @command("rollback", "undo adds, relabels, interventions and prunes after a version (deletes stay final)",
@@ -241,8 +305,8 @@ def cmd_stats(cfg: Config, args: argparse.Namespace) -> int:
 def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--study", choices=["add_class", "delete_class", "pruning", "paper", "ood", "rerank"],
                    help="run a study instead (paper: each claim of the paper with our numbers and a verdict)")
-    p.add_argument("--label", type=int, help="class for add_class / delete_class / paper (default: first query's)")
-    p.add_argument("--queries", type=int, default=200, help="query images of the rerank study")
+    p.add_argument("--label", type=label, help="class for add_class / delete_class / paper (default: first query's)")
+    p.add_argument("--queries", type=positive_int, default=200, help="query images of the rerank study")
     p.add_argument("--no-exact", action="store_true", help="skip the exact (flat) search baseline")
     p.add_argument("--no-ood", action="store_true", help="skip the OOD study (one held-out class at a time)")
 

@@ -28,8 +28,17 @@ def schema(dim: int) -> pa.Schema:
 
 
 def check_vectors(x: np.ndarray, dim: Optional[int] = None, what: str = "embeddings") -> np.ndarray:
-    """Return `x` as C-contiguous float32 (n, d); refuse wrong shapes, wrong dimension and NaN/inf values."""
-    x = np.asarray(x)
+    """Return `x` as C-contiguous float32 (n, d); refuse non-numbers, wrong shapes, wrong dimension and NaN/inf.
+
+    A 1-d array is taken as one vector. Integers are converted (callers that read user files say so: see
+    pipeline.commands.inputs); booleans, strings, complex numbers and Python objects (ragged lists) are refused
+    rather than cast, which would fail with a numpy traceback or silently drop the imaginary part."""
+    try:
+        x = np.asarray(x)
+    except ValueError as e:  # ragged nested lists on numpy >= 1.24
+        raise DataError(f"{what} must be an (n, dim) array of numbers: {e}") from None
+    if x.dtype.kind not in "fiu":
+        raise DataError(f"{what} must be numbers (float or integer), got values of dtype {x.dtype}")
     if x.ndim == 1:
         x = x[None, :]
     if x.ndim != 2:
