@@ -185,10 +185,24 @@ def cmd_compact(cfg: Config, args: argparse.Namespace) -> int:
     if grace > 0 and not args.no_wait:
         print(f"waiting memory.grace_period_s={grace:g} s so readers of the old version finish, then erasing")
         time.sleep(grace)
+    runs = [report["erasure"]] if report and isinstance(report.get("erasure"), dict) else []
     for r in erasure.erase_due(cfg.memory_dir, mem.state, cfg):
         print(json.dumps({"erasure": {k: v for k, v in r.items() if k != "files_checked"},
                           "files_checked": len(r["files_checked"])}, indent=1))
-    return 0
+        runs.append(r)
+    return _erasure_exit(runs)
+
+
+def _erasure_exit(runs: list) -> int:
+    """0, or 2 when an erasure could not verify everything: one stderr line per file in doubt (what to do)."""
+    bad = [r for r in runs if not r.get("verified", True)]
+    for r in bad:
+        for url, why in r.get("in_doubt_why", {}).items():
+            print(f"vmem compact: erasure in doubt for {url}: {why}", file=sys.stderr)
+        for where, n in r.get("found", {}).items():
+            print(f"vmem compact: erasure verification found {n} erased id(s) still in {where}; run "
+                  f"`vmem compact` again, then `vmem audit`", file=sys.stderr)
+    return 2 if bad else 0
 
 
 def _prune_args(p: argparse.ArgumentParser) -> None:
@@ -327,8 +341,29 @@ def cmd_eval(cfg: Config, args: argparse.Namespace) -> int:
     from pipeline.eval.accuracy import evaluate
 
     mem = _open(cfg)
-    table = evaluate(cfg, mem, exact=not args.no_exact)
+    table = evaluate(cfg, mem.snapshot(), exact=not args.no_exact)
     print(table.format())
     print()
-    print(evaluate_trust(cfg, mem, ood=not args.no_ood))
+    print(evaluate_trust(cfg, mem.snapshot(), ood=not args.no_ood))
     return 0
+
+
+def _audit_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ids", help="file of ids (JSON list or one per line) to look for too, also as raw int64 bytes")
+    p.add_argument("--restart", action="store_true", help="start over instead of resuming an interrupted audit")
+
+
+@command("audit", "scan every file under the workdir (local or s3://, Ray tasks, resumable) for traces of erased "
+         "items; exit 1 on a trace, 2 when a file cannot be read", "vmem audit", _audit_args)
+def cmd_audit(cfg: Config, args: argparse.Namespace) -> int:
+    from pipeline.memory.audit import format_report, read_ids, run_audit
+    from pipeline.runtime import init_ray
+
+    ids = read_ids(args.ids)
+    init_ray(cfg)
+    report = run_audit(cfg.memory_dir, cfg, ids=ids, restart=args.restart)
+    lines = format_report(report)
+    print(lines[0])
+    for line in lines[1:]:
+        print(line, file=sys.stderr)
+    return 1 if report["traces"] else (2 if report["unreadable"] else 0)

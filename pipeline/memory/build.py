@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 
 import numpy as np
 import pyarrow as pa
@@ -57,15 +56,16 @@ def _build(cfg, split: str) -> Manifest:
 @contextlib.contextmanager
 def _forget_guard(state: MemoryState, emb_dir: str, ids: np.ndarray, excluded: np.ndarray):
     """Held across the build's commit: items deleted (and perhaps already erased) while the build ran are in
-    its shards; under the erasure lock, put them back on the forget list by id, so they are excluded from the
+    its shards; under the erasure lease, put them back on the forget list by id, so they are excluded from the
     first query on and erased by the next compaction."""
-    from pipeline.memory import erasure
+    from pipeline.memory import erasure, lease
 
-    deadline = time.time() + 60
-    while not erasure.acquire(state.memory_dir):
-        if time.time() > deadline:
-            raise DataError("the memory's erasure lock is held for over a minute: is an erasure stuck?")
-        time.sleep(0.2)
+    # The erasure lease: a dead eraser is taken over at once, a live one is waited for (erasure by locator
+    # takes seconds), one that stopped renewing after `lease.LEASE_S`.
+    try:
+        held = erasure.hold(state.memory_dir, "build", timeout_s=120)
+    except lease.LeaseHeld as e:
+        raise DataError(f"cannot commit the build: {e}; run `vmem build` again when that erasure is done") from None
     try:
         late = ids[state.is_forgotten(ids) & ~np.isin(ids, excluded)]
         if len(late):
@@ -74,7 +74,7 @@ def _forget_guard(state: MemoryState, emb_dir: str, ids: np.ndarray, excluded: n
             state.forget(rows, reason="delete")
         yield
     finally:
-        erasure.release(state.memory_dir)
+        held.release()
 
 
 def _part_rows(emb_dir: str, ids: np.ndarray) -> pa.Table:
