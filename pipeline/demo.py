@@ -92,7 +92,7 @@ def run_demo(cfg: Config) -> dict:
     mem = VisualMemory.open(cfg.memory_dir, cfg=cfg, use_ray=True)
     q = read_embeddings(cfg.embeddings_dir(test), ["key", "label", "label_name", "embedding"])
     xq, yq = embeddings_of(q), q.column("label").to_numpy()
-    table = evaluate(cfg, mem)
+    table = evaluate(cfg, mem.snapshot())
     print(table.format())
     ann, exact = table.get("plurality", k, "ann"), table.get("plurality", k, "exact")
     print(f"\ntop-1 on {len(yq):,} Fashion-MNIST {test} images, k={k} plurality: "

@@ -19,7 +19,7 @@ def _memory(tmp_path, n=1500):
 def test_accuracy_table_exact_matches_ann_with_full_probing(tmp_path):
     mem_dir, data, q = _memory(tmp_path)
     mem = VisualMemory.open(mem_dir)
-    t = accuracy_table(mem, q.xb, q.labels, [1, 10, 20], ["plurality", "rank"], exact_xb=data.xb,
+    t = accuracy_table(mem.snapshot(), q.xb, q.labels, [1, 10, 20], ["plurality", "rank"], exact_xb=data.xb,
                        exact_ids=data.ids)
     assert t.rows[("ann", "rank")] == t.rows[("exact", "rank")]  # nprobe = nlist: IVF is exact
     # k=1 plurality = nearest neighbour's label, computed independently

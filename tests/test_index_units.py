@@ -12,7 +12,7 @@ from pipeline.index.keys import is_ivf, key_cost, resolve_index_key
 from pipeline.index.manifest import Manifest, ManifestStore, ShardEntry
 from pipeline.index.plan import plan_memory
 from pipeline.index.recall import choose_nprobe, exact_knn, recall_at
-from pipeline.index.router import merge_topk
+from pipeline.index.neighbors import merge_topk
 from pipeline.index.units import format_bytes, parse_bytes, parse_count
 
 

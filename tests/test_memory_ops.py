@@ -139,7 +139,7 @@ def test_get_image_reads_the_member_of_a_webdataset_tar(tmp_path):
     import io
     import tarfile
 
-    from pipeline.memory.memory import _read_tar_member
+    from pipeline.memory.snapshot import read_tar_member
 
     tar_path = tmp_path / "train-000000.tar"
     with tarfile.open(tar_path, "w") as tar:
@@ -148,9 +148,9 @@ def test_get_image_reads_the_member_of_a_webdataset_tar(tmp_path):
                 info = tarfile.TarInfo(f"{key}.{ext}")
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
-    assert _read_tar_member(str(tar_path), "a/0002") == b"\x89PNG-two"
+    assert read_tar_member(str(tar_path), "a/0002") == b"\x89PNG-two"
     with pytest.raises(NotFound):
-        _read_tar_member(str(tar_path), "a/0003")
+        read_tar_member(str(tar_path), "a/0003")
 
 
 def test_package_exports_visual_memory():

@@ -69,9 +69,9 @@ def test_eval_and_prune_after_deletes_and_compaction(memory):
     mem.add(embeddings=clustered(10, DIM, 5, centers=10), labels=[11] * 10, keys=[f"a{i}" for i in range(10)])
     mem.compact()
     xq = clustered(40, DIM, 2, centers=10)
-    nb = exact_neighbors(mem, xq, 20, x, ids)
+    nb = exact_neighbors(mem.snapshot(), xq, 20, x, ids)
     assert not np.isin(nb.I, ids[ids % 10 == ids[0] % 10]).any()
-    table = accuracy_table(mem, xq, np.zeros(40, np.int64), [1, 10], ["plurality"], exact_xb=x, exact_ids=ids)
+    table = accuracy_table(mem.snapshot(), xq, np.zeros(40, np.int64), [1, 10], ["plurality"], exact_xb=x, exact_ids=ids)
     assert set(table.rows) == {("ann", "plurality"), ("exact", "plurality")}
     report = mem.prune(hard=False, soft=True)
     assert report["items"] == N - int((ids % 10 == ids[0] % 10).sum()) + 10
@@ -116,8 +116,8 @@ def test_exact_eval_job_matches_in_process_exact(memory):
     mem.relabel([int(ids[40])], 77)
     mem.add(embeddings=clustered(15, DIM, 6, centers=10), labels=[5] * 15, keys=[f"j{i}" for i in range(15)])
     xq = clustered(25, DIM, 4, centers=10)
-    a = exact_neighbors_job(mem, cfg.embeddings_dir("train"), xq, 30)
-    b = exact_neighbors(mem, xq, 30, x, ids)
+    a = exact_neighbors_job(mem.snapshot(), cfg.embeddings_dir("train"), xq, 30)
+    b = exact_neighbors(mem.snapshot(), xq, 30, x, ids)
     np.testing.assert_array_equal(a.I, b.I)
     np.testing.assert_array_equal(a.labels, b.labels)
     assert not np.isin(a.I, ids[:30]).any()

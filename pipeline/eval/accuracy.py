@@ -16,7 +16,8 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import storage
-from pipeline.memory.results import Neighbors
+from pipeline.index.neighbors import Neighbors
+from pipeline.memory.snapshot import Snapshot, open_snapshot
 from pipeline.runtime import phase
 
 log = logging.getLogger("vmem.eval")
@@ -50,36 +51,36 @@ class AccuracyTable:
         return self.rows[(search, method)][self.ks.index(k)]
 
 
-def exact_neighbors(mem, xq: np.ndarray, k: int, xb: Optional[np.ndarray] = None,
+def exact_neighbors(snap: Snapshot, xq: np.ndarray, k: int, xb: Optional[np.ndarray] = None,
                     ids: Optional[np.ndarray] = None) -> Neighbors:
     """Brute-force top-k over the memory's live items, from given float vectors `xb`/`ids` (else the shards'
     reconstructed vectors) plus the delta. In-process: for memories that fit; see `exact_neighbors_job`."""
     from pipeline.memory.pruning import memory_vectors
 
     if xb is None:
-        ids, _, xb = memory_vectors(mem)
-    ids, xb = live_with_delta(mem, ids, xb)
-    return exact_neighbors_of(mem, xq, k, xb, ids)
+        ids, _, xb = memory_vectors(snap)
+    ids, xb = live_with_delta(snap, ids, xb)
+    return exact_neighbors_of(snap, xq, k, xb, ids)
 
 
-def live_with_delta(mem, ids: np.ndarray, xb: np.ndarray, label_of: Optional[dict] = None):
+def live_with_delta(snap: Snapshot, ids: np.ndarray, xb: np.ndarray, label_of: Optional[dict] = None):
     """(ids, xb) of the live ones of the given vectors plus the delta's live items not among them."""
     from pipeline.memory.pruning import live_labels
 
-    label_of = live_labels(mem) if label_of is None else label_of
+    label_of = live_labels(snap) if label_of is None else label_of
     live = np.array([int(i) in label_of for i in ids], bool)
-    d_ids, d_xb = mem.delta.vectors()
+    d_ids, d_xb = snap.delta.vectors()
     fresh = ~np.isin(d_ids, ids) & np.array([int(i) in label_of for i in d_ids], bool)
     return (np.concatenate([np.asarray(ids, np.int64)[live], d_ids[fresh]]),
             np.vstack([np.asarray(xb, np.float32)[live], d_xb[fresh]]))
 
 
-def exact_neighbors_of(mem, xq: np.ndarray, k: int, xb: np.ndarray, ids: np.ndarray) -> Neighbors:
+def exact_neighbors_of(snap: Snapshot, xq: np.ndarray, k: int, xb: np.ndarray, ids: np.ndarray) -> Neighbors:
     """Brute-force top-k over exactly the vectors `xb` (ids `ids`), labelled with the memory's current labels."""
     from pipeline.index.recall import exact_knn
     from pipeline.memory.pruning import live_labels
 
-    label_of = live_labels(mem)
+    label_of = live_labels(snap)
     D, I = exact_knn(xq, [(xb, ids)], k)
     valid = I >= 0
     labels = np.full(I.shape, -1, np.int64)
@@ -110,28 +111,28 @@ def _exact_part(emb_dir: str, shard: int, num_shards: int, xq: np.ndarray, k: in
     return D, I, L
 
 
-def exact_neighbors_job(mem, emb_dir: str, xq: np.ndarray, k: int, batch_rows: int = 65536) -> Neighbors:
+def exact_neighbors_job(snap: Snapshot, emb_dir: str, xq: np.ndarray, k: int, batch_rows: int = 65536) -> Neighbors:
     """Exact top-k over the live items as a Ray job mapped over the shards (each task reads the float vectors
     of its shard's items from the embedding parts), merged exactly with the delta in the driver: no process
     holds every vector. Items the parts do not hold (adds) come from the delta."""
     import ray
 
-    from pipeline.index.router import merge_topk
+    from pipeline.index.neighbors import merge_topk
 
-    mem.refresh()
-    relabels = {i: int(it["label"]) for i, it in mem.interventions.items.items() if "label" in it}
-    dead_ref = ray.put(mem.forgotten)
+    relabels = {i: int(it["label"]) for i, it in snap.interventions.items.items() if "label" in it}
+    dead_ref = ray.put(snap.forgotten)
     xq_ref = ray.put(np.ascontiguousarray(xq, np.float32))
     task = ray.remote(_exact_part)
-    parts = ray.get([task.remote(emb_dir, s, mem.base.num_shards, xq_ref, k, dead_ref, relabels, batch_rows)
-                     for s in range(mem.base.num_shards)])
-    d_ids, d_xb = mem.delta.vectors()
-    live = ~np.isin(d_ids, mem.forgotten)
+    parts = ray.get([task.remote(emb_dir, s, snap.base.num_shards, xq_ref, k, dead_ref, relabels, batch_rows)
+                     for s in range(snap.base.num_shards)])
+    d_ids, d_xb = snap.delta.vectors()
+    live = ~np.isin(d_ids, snap.forgotten)
     if live.any():
         from pipeline.index.recall import exact_knn
 
         Dd, Id = exact_knn(xq, [(d_xb[live], d_ids[live])], k)
-        Ld = np.array([relabels.get(int(i), mem.delta.meta.get(int(i), {}).get("label", -1)) for i in Id.reshape(-1)],
+        stored = dict(zip(d_ids.tolist(), snap.delta.metadata(d_ids)["labels"].tolist()))
+        Ld = np.array([relabels.get(int(i), stored.get(int(i), -1)) for i in Id.reshape(-1)],
                       np.int64).reshape(Id.shape)
         parts.append((Dd, Id, Ld))
     D, I = merge_topk([p[0] for p in parts], [p[1] for p in parts], k)
@@ -141,15 +142,15 @@ def exact_neighbors_job(mem, emb_dir: str, xq: np.ndarray, k: int, batch_rows: i
     return Neighbors(np.where(I >= 0, D, -np.inf), I, labels, empty.copy(), empty.copy(), empty.copy())
 
 
-def accuracy_from_neighbors(mem, nb: Neighbors, yq: np.ndarray, ks: Sequence[int], methods: Sequence[str],
+def accuracy_from_neighbors(snap: Snapshot, nb: Neighbors, yq: np.ndarray, ks: Sequence[int], methods: Sequence[str],
                             **params) -> Dict[str, List[float]]:
     out = {}
     for method in methods:
-        out[method] = [float(np.mean(mem.vote(nb.take(k), method, **params).label == yq)) for k in ks]
+        out[method] = [float(np.mean(snap.vote(nb.first(k), method, **params).label == yq)) for k in ks]
     return out
 
 
-def accuracy_table(mem, xq: np.ndarray, yq: np.ndarray, ks: Sequence[int], methods: Sequence[str],
+def accuracy_table(snap: Snapshot, xq: np.ndarray, yq: np.ndarray, ks: Sequence[int], methods: Sequence[str],
                    exact: bool = True, exact_xb: Optional[np.ndarray] = None,
                    exact_ids: Optional[np.ndarray] = None, nprobe: Optional[int] = None,
                    exact_emb_dir: Optional[str] = None) -> AccuracyTable:
@@ -158,21 +159,21 @@ def accuracy_table(mem, xq: np.ndarray, yq: np.ndarray, ks: Sequence[int], metho
     ks = sorted(int(k) for k in ks)
     rows: Dict[Tuple[str, str], List[float]] = {}
     with phase(f"eval: ANN search of {len(xq)} queries, k={ks[-1]}"):
-        nb = mem.search(embeddings=xq, k=ks[-1], nprobe=nprobe)
-    for m, accs in accuracy_from_neighbors(mem, nb, yq, ks, methods).items():
+        nb = snap.search(xq, ks[-1], nprobe=nprobe)
+    for m, accs in accuracy_from_neighbors(snap, nb, yq, ks, methods).items():
         rows[("ann", m)] = accs
     if exact:
         with phase("eval: exact (flat) search"):
-            nb = (exact_neighbors_job(mem, exact_emb_dir, xq, ks[-1]) if exact_emb_dir
-                  else exact_neighbors(mem, xq, ks[-1], exact_xb, exact_ids))
-        for m, accs in accuracy_from_neighbors(mem, nb, yq, ks, methods).items():
+            nb = (exact_neighbors_job(snap, exact_emb_dir, xq, ks[-1]) if exact_emb_dir
+                  else exact_neighbors(snap, xq, ks[-1], exact_xb, exact_ids))
+        for m, accs in accuracy_from_neighbors(snap, nb, yq, ks, methods).items():
             rows[("exact", m)] = accs
     return AccuracyTable(ks, rows, len(xq))
 
 
-def methods_of(mem, base: Sequence[str]) -> List[str]:
+def methods_of(snap: Snapshot, base: Sequence[str]) -> List[str]:
     """The configured methods, plus their soft variants when the memory has soft-pruning weights."""
-    return list(base) + ([f"soft_{m}" for m in base if not m.startswith("soft_")] if mem.gamma is not None
+    return list(base) + ([f"soft_{m}" for m in base if not m.startswith("soft_")] if snap.gamma is not None
                          else [])
 
 
@@ -186,44 +187,44 @@ def load_queries(cfg):
     return embeddings_of(q), q.column("label").to_numpy()
 
 
-def build_embeddings(cfg, mem) -> Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def build_embeddings(cfg, snap: Snapshot) -> Optional[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """(ids, labels, xb) of the embeddings split the memory was built from, or None when it is not on disk."""
     from pipeline.embed.parts import embeddings_of, read_embeddings
 
-    src = mem.base.manifest.build.get("split")
+    src = snap.base.manifest.build.get("split")
     if not src or not storage.exists(cfg.embeddings_dir(src)):
         return None
     t = read_embeddings(cfg.embeddings_dir(src), ["id", "label", "embedding"])
     return t.column("id").to_numpy(), t.column("label").to_numpy(), embeddings_of(t)
 
 
-def memory_embeddings(cfg, mem) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+def memory_embeddings(cfg, snap: Snapshot) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(ids, labels, xb) of the memory: the build's float embeddings if on disk, else reconstructed vectors."""
     from pipeline.memory.pruning import live_labels, memory_vectors
 
-    built = build_embeddings(cfg, mem)
+    built = build_embeddings(cfg, snap)
     if built is None:
-        return memory_vectors(mem)
-    label_of = live_labels(mem)
-    ids, xb = live_with_delta(mem, built[0], built[2], label_of)  # deleted items out, adds in
+        return memory_vectors(snap)
+    label_of = live_labels(snap)
+    ids, xb = live_with_delta(snap, built[0], built[2], label_of)  # deleted items out, adds in
     return ids, np.array([label_of[int(i)] for i in ids], np.int64), xb
 
 
-def evaluate(cfg, mem=None, exact: bool = True, out_dir: Optional[str] = None) -> AccuracyTable:
-    """`vmem eval`: accuracy@k table over `cfg.eval.split`; writes accuracy.csv and accuracy.png."""
+def evaluate(cfg, snap=None, exact: bool = True, out_dir: Optional[str] = None) -> AccuracyTable:
+    """`vmem eval`: accuracy@k table over `cfg.eval.split` on `snap` (default: the memory's newest committed
+    state); writes accuracy.csv and accuracy.png."""
     from pipeline.eval.plots import plot_accuracy
-    from pipeline.memory.memory import VisualMemory
 
-    mem = mem or VisualMemory.open(cfg.memory_dir, cfg=cfg)
+    snap = snap or open_snapshot(cfg)
     xq, yq = load_queries(cfg)
-    methods = methods_of(mem, cfg.eval.methods)
-    src = mem.base.manifest.build.get("split")
+    methods = methods_of(snap, cfg.eval.methods)
+    src = snap.base.manifest.build.get("split")
     emb_dir = cfg.embeddings_dir(src) if src and storage.exists(cfg.embeddings_dir(src)) else None
     if exact and emb_dir:  # exact over the original float vectors, a Ray task per shard
         from pipeline.runtime import init_ray
 
         init_ray(cfg)
-    table = accuracy_table(mem, xq, yq, cfg.eval.ks, methods, exact=exact, exact_emb_dir=emb_dir)
+    table = accuracy_table(snap, xq, yq, cfg.eval.ks, methods, exact=exact, exact_emb_dir=emb_dir)
     out_dir = out_dir or storage.join(cfg.workdir, "eval")
     storage.atomic_write_bytes(storage.join(out_dir, "accuracy.csv"), table.to_csv().encode())
     plot_accuracy(table, storage.join(out_dir, "accuracy.png"))

@@ -59,14 +59,14 @@ def split_halves(n: int, seed: int = 0):
     return np.sort(perm[: n // 2]), np.sort(perm[n // 2:])
 
 
-def calibrate(mem, nb, yq: np.ndarray, methods: Sequence[str], ood_neighbors: int = 100,
+def calibrate(snap, nb, yq: np.ndarray, methods: Sequence[str], ood_neighbors: int = 100,
               kind: str = "platt") -> CalibrationReport:
     """Fit and measure the calibration of every method on searched neighbours `nb` (k = its width)."""
     k = nb.I.shape[1]
     val, test = split_halves(len(yq))
     rows, maps = {}, {}
     for method in methods:
-        v = mem.vote(nb, method)
+        v = snap.vote(nb, method)
         share = C.of_votes(v)["share"]
         correct = (v.label == yq).astype(np.float64)
         fitted = fit_map(kind, share[val], correct[val], k)
@@ -80,7 +80,7 @@ def calibrate(mem, nb, yq: np.ndarray, methods: Sequence[str], ood_neighbors: in
                         "ece_before": rows[method]["ece_before"], "ece_after": rows[method]["ece_after"]}
     ood = C.ood_score(nb.distances, ood_neighbors)[val]
     thr = float(np.nanpercentile(ood, 95)) if np.isfinite(ood).any() else None
-    cal = Calibration(version=mem.version, k=k, ood_neighbors=ood_neighbors, ood_threshold=thr, methods=maps)
+    cal = Calibration(version=snap.version, k=k, ood_neighbors=ood_neighbors, ood_threshold=thr, methods=maps)
     return CalibrationReport(k, len(val), len(test), rows, cal, kind)
 
 
@@ -107,14 +107,14 @@ def plot_reliability(report: CalibrationReport, out: str) -> str:
     return save_png(fig, out, dpi=100)
 
 
-def run_calibration(mem, xq: np.ndarray, yq: np.ndarray, methods: Sequence[str], k: int, out_dir: str,
+def run_calibration(snap, xq: np.ndarray, yq: np.ndarray, methods: Sequence[str], k: int, out_dir: str,
                     ood_neighbors: int = 100, save: bool = True) -> CalibrationReport:
     """Search, calibrate every method, write calibration.csv + reliability.png, store the maps with the memory."""
-    nb = mem.search(embeddings=xq, k=k)
-    report = calibrate(mem, nb, yq, methods, ood_neighbors)
+    nb = snap.search(xq, k)
+    report = calibrate(snap, nb, yq, methods, ood_neighbors)
     storage.atomic_write_bytes(storage.join(out_dir, "calibration.csv"), report.to_csv().encode())
     plot_reliability(report, storage.join(out_dir, "reliability.png"))
     if save:
-        save_calibration(mem.memory_dir, report.calibration)
+        save_calibration(snap.memory_dir, report.calibration)
     return report
 

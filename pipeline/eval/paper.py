@@ -40,12 +40,12 @@ def _claim(name: str, text: str, numbers: dict, verdict: str, detail: str) -> di
     return {"claim": name, "text": text, "verdict": verdict, "detail": detail, "numbers": numbers}
 
 
-def claim_large_k(mem, xq, yq, ks: Sequence[int], xb, ids) -> dict:
+def claim_large_k(snap, xq, yq, ks: Sequence[int], xb, ids) -> dict:
     from pipeline.eval.accuracy import accuracy_from_neighbors, exact_neighbors_of
 
     ks = sorted(int(k) for k in ks)
-    nb = exact_neighbors_of(mem, xq, ks[-1], xb, ids)
-    acc = accuracy_from_neighbors(mem, nb, yq, ks, ("plurality", "softmax", "rank"))
+    nb = exact_neighbors_of(snap, xq, ks[-1], xb, ids)
+    acc = accuracy_from_neighbors(snap, nb, yq, ks, ("plurality", "softmax", "rank"))
     drop = {m: max(a) - a[-1] for m, a in acc.items()}
     if drop["plurality"] < TOL:
         verdict = "INCONCLUSIVE"
@@ -109,7 +109,7 @@ def paper_study(mem_dir: str, xq, yq, ks: Sequence[int], xb, yb, ids, label: Opt
     label = int(label if label is not None else yq[0])
     claims = []
     mem = VisualMemory.open(mem_dir)
-    claims.append(claim_large_k(mem, xq, yq, ks, xb, ids))
+    claims.append(claim_large_k(mem.snapshot(), xq, yq, ks, xb, ids))
     mem.close()
     copies = []
     try:
@@ -119,7 +119,7 @@ def paper_study(mem_dir: str, xq, yq, ks: Sequence[int], xb, yb, ids, label: Opt
         claims.append(claim_add_class(S.study_add_class(copies[-1], xq, yq, label)))
         copies.append(S.scratch_copy(mem_dir))
         mem = VisualMemory.open(copies[-1])
-        others_before = S.accuracy(mem, xq, yq, 10, "plurality", yq != label)
+        others_before = S.accuracy(mem.snapshot(), xq, yq, 10, "plurality", yq != label)
         mem.close()
         claims.append(claim_delete_class(S.study_delete_class(copies[-1], xq, yq, label), others_before))
     finally:

@@ -3,7 +3,7 @@
 The first `n` query images of `cfg.eval.split` are classified one at a time (latency per query), each from
 the same search, without and with the reranker; accuracy per vote method at k. The neighbours' images come
 from an in-RAM map of the memory's WebDataset shards read once up front, so the latency counts re-embedding,
-not tar scans (`VisualMemory.get_image` reads a tar member per call).
+not tar scans (`Snapshot.load_image` reads a tar member per call).
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import csv
 import io
 import itertools
 import time
-from typing import Dict, List, Sequence
+from typing import Callable, Dict, List, Sequence
 
 import logging
 
@@ -19,6 +19,7 @@ import numpy as np
 
 from pipeline import storage
 from pipeline.memory import rerankers
+from pipeline.memory.snapshot import Snapshot
 
 log = logging.getLogger("vmem.eval")
 
@@ -31,20 +32,21 @@ def query_images(cfg, n: int):
     return [s["image"] for s in samples], np.array([s["label"] for s in samples], np.int64)
 
 
-def shard_images(cfg, mem) -> Dict[int, bytes]:
+def shard_images(cfg, snap: Snapshot) -> Dict[int, bytes]:
     """id -> image bytes of every sample of the split the memory was built from (one pass over its shards)."""
     from pipeline.data.shards import iter_split_samples
 
-    split = mem.base.manifest.build.get("split") or "train"
+    split = snap.base.manifest.build.get("split") or "train"
     if not storage.exists(cfg.shards_dir(split)):
         return {}
     return {int(s["id"]): s["image"] for s in iter_split_samples(cfg.shards_dir(split))}
 
 
-def rerank_study(mem, images: List[bytes], yq: np.ndarray, k: int, methods: Sequence[str],
-                 reranker: rerankers.Reranker, load_image) -> dict:
-    """Accuracy per method and latency per query (ms, mean and p50) without / with `reranker`."""
-    n = max(k, mem.cfg.memory.rerank_k)
+def rerank_study(snap: Snapshot, embed: Callable, images: List[bytes], yq: np.ndarray, k: int,
+                 methods: Sequence[str], reranker: rerankers.Reranker, load_image) -> dict:
+    """Accuracy per method and latency per query (ms, mean and p50) without / with `reranker`; `embed(images)`
+    gives the memory encoder's unit vectors of query images."""
+    n = max(k, snap.cfg.memory.rerank_k)
     preds: Dict[str, Dict[str, list]] = {"none": {m: [] for m in methods}, "reranked": {m: [] for m in methods}}
     ms: Dict[str, list] = {"none": [], "reranked": []}
     moved = []
@@ -52,7 +54,7 @@ def rerank_study(mem, images: List[bytes], yq: np.ndarray, k: int, methods: Sequ
         if q and q % 50 == 0:
             log.info("rerank study: %d/%d queries", q, len(images))
         t0 = time.perf_counter()
-        nb = mem.search([im], k=n)
+        nb = snap.search(embed([im]), n)
         t1 = time.perf_counter()
         order, weights = reranker.rerank([im], None, nb, load_image)
         rb = rerankers.reorder(nb, order, weights, k)
@@ -60,9 +62,9 @@ def rerank_study(mem, images: List[bytes], yq: np.ndarray, k: int, methods: Sequ
         ms["none"].append(1000 * (t1 - t0))
         ms["reranked"].append(1000 * (t2 - t0))
         moved.append(int(np.setdiff1d(rb.I[0], nb.I[0, :k]).size))
-        for name, x in (("none", nb.take(k)), ("reranked", rb)):
+        for name, x in (("none", nb.first(k)), ("reranked", rb)):
             for m in methods:
-                preds[name][m].append(int(mem.vote(x, m).label[0]))
+                preds[name][m].append(int(snap.vote(x, m).label[0]))
     acc = {name: {m: float(np.mean(np.array(p) == yq)) for m, p in d.items()} for name, d in preds.items()}
     lat = {name: {"mean_ms": float(np.mean(v)), "p50_ms": float(np.median(v))} for name, v in ms.items()}
     return {"study": "rerank", "n": len(images), "k": k, "candidates": n, "accuracy": acc, "latency": lat,
@@ -92,14 +94,14 @@ def rerank_csv(r: dict) -> str:
     return buf.getvalue()
 
 
-def run_rerank(cfg, mem, n: int, out_dir: str) -> dict:
+def run_rerank(cfg, snap: Snapshot, embed: Callable, n: int, out_dir: str) -> dict:
     """The rerank study with the configured reranker (default `encoder`) on `n` eval images; writes rerank.csv."""
     name = cfg.memory.reranker or "encoder"
-    rr = rerankers.create_reranker(name, mem, cfg)
+    rr = rerankers.create_reranker(name, cfg, snap.base.image_size)
     images, yq = query_images(cfg, n)
-    cache = shard_images(cfg, mem)
-    r = rerank_study(mem, images, yq, cfg.memory.k, ("plurality", "rank", "softmax"), rr,
-                     lambda i: cache[int(i)] if int(i) in cache else mem.get_image(i))
+    cache = shard_images(cfg, snap)
+    r = rerank_study(snap, lambda ims: embed(images=ims), images, yq, cfg.memory.k, ("plurality", "rank", "softmax"),
+                     rr, lambda i: cache[int(i)] if int(i) in cache else snap.load_image(i))
     r["reranker"] = name
     storage.atomic_write_bytes(storage.join(out_dir, "rerank.csv"), rerank_csv(r).encode())
     return r

@@ -17,7 +17,10 @@ import numpy as np
 
 from pipeline import storage
 from pipeline.errors import UserError
+from pipeline.memory import deletes
 from pipeline.memory.memory import VisualMemory
+from pipeline.memory.pruning import memory_vectors
+from pipeline.memory.snapshot import Snapshot
 
 log = logging.getLogger("vmem.eval")
 BASE_METHODS = ("plurality", "distance", "softmax", "rank")
@@ -35,18 +38,16 @@ def scratch_copy(memory_dir: str) -> str:
     return target
 
 
-def accuracy(mem, xq, yq, k, method, mask=None) -> float:
-    pred = mem.vote(mem.search(embeddings=xq, k=k), method).label
+def accuracy(snap: Snapshot, xq, yq, k, method, mask=None) -> float:
+    pred = snap.vote(snap.search(xq, k), method).label
     sel = np.ones(len(yq), bool) if mask is None else mask
     return float(np.mean(pred[sel] == yq[sel])) if sel.any() else float("nan")
 
 
 def study_add_class(mem_dir: str, xq, yq, label: int, k: int = 10, method: str = "rank") -> dict:
     """Hold `label` out of the memory, then add its items back; accuracy on that class and overall."""
-    from pipeline.memory.pruning import memory_vectors
-
     mem = VisualMemory.open(mem_dir)
-    ids, labels, xb = memory_vectors(mem)
+    ids, labels, xb = memory_vectors(mem.snapshot())
     sel = labels == label
     if not sel.any():
         raise UserError(f"class {label} has no items in the memory")
@@ -54,13 +55,13 @@ def study_add_class(mem_dir: str, xq, yq, label: int, k: int = 10, method: str =
     mem.delete(label=label)
     mem.compact()
     cls = yq == label
-    before = {"class": accuracy(mem, xq, yq, k, method, cls), "others": accuracy(mem, xq, yq, k, method, ~cls),
-              "all": accuracy(mem, xq, yq, k, method)}
+    before = {"class": accuracy(mem.snapshot(), xq, yq, k, method, cls), "others": accuracy(mem.snapshot(), xq, yq, k, method, ~cls),
+              "all": accuracy(mem.snapshot(), xq, yq, k, method)}
     # Deletion is final (the forget list refuses the old keys), so the class comes back under new keys.
     mem.add(embeddings=xb[sel], labels=[label] * int(sel.sum()), keys=[f"{it['key']}#re-added" for it in items],
             label_names=[it["label_name"] for it in items], sources=[it["source"] for it in items])
-    after = {"class": accuracy(mem, xq, yq, k, method, cls), "others": accuracy(mem, xq, yq, k, method, ~cls),
-             "all": accuracy(mem, xq, yq, k, method)}
+    after = {"class": accuracy(mem.snapshot(), xq, yq, k, method, cls), "others": accuracy(mem.snapshot(), xq, yq, k, method, ~cls),
+             "all": accuracy(mem.snapshot(), xq, yq, k, method)}
     mem.close()
     return {"study": "add_class", "label": int(label), "added": int(sel.sum()), "k": k, "method": method,
             "before": before, "after": after}
@@ -69,12 +70,13 @@ def study_add_class(mem_dir: str, xq, yq, label: int, k: int = 10, method: str =
 def study_delete_class(mem_dir: str, xq, yq, label: int, k: int = 50, method: str = "plurality") -> dict:
     """Delete `label`; check no id of it is returned and no query is labelled with it, before/after compaction."""
     mem = VisualMemory.open(mem_dir)
-    dead = np.array(mem._select(label, None), np.int64)
+    dead = np.array(deletes.select(mem.snapshot(), label=label), np.int64)
     n = mem.delete(label=label)
     out = {"study": "delete_class", "label": int(label), "deleted": int(n), "k": k}
     for phase_name in ("before_compaction", "after_compaction"):
-        nb = mem.search(embeddings=xq, k=k)
-        pred = mem.vote(nb.take(min(k, 10)), method).label
+        snap = mem.snapshot()
+        nb = snap.search(xq, k)
+        pred = snap.vote(nb.first(min(k, 10)), method).label
         out[phase_name] = {"deleted_ids_returned": int(np.isin(nb.I, dead).sum()),
                            "queries_labelled_with_it": int((pred == label).sum()),
                            "neighbours_with_label": int((nb.labels == label).sum()),
@@ -88,11 +90,11 @@ def study_delete_class(mem_dir: str, xq, yq, label: int, k: int = 50, method: st
 def study_pruning(mem_dir: str, xq, yq, k: int = 10, threshold: Optional[int] = None) -> dict:
     """Accuracy per method: none, hard pruning (v over 100 nbrs >= threshold), soft pruning (gamma over 10)."""
     mem = VisualMemory.open(mem_dir)
-    none = {m: accuracy(mem, xq, yq, k, m) for m in BASE_METHODS}
+    none = {m: accuracy(mem.snapshot(), xq, yq, k, m) for m in BASE_METHODS}
     rep_soft = mem.prune(hard=False, soft=True)
-    soft = {m: accuracy(mem, xq, yq, k, f"soft_{m}") for m in BASE_METHODS}
+    soft = {m: accuracy(mem.snapshot(), xq, yq, k, f"soft_{m}") for m in BASE_METHODS}
     rep_hard = mem.prune(hard=True, soft=False, threshold=threshold)
-    hard = {m: accuracy(mem, xq, yq, k, m) for m in BASE_METHODS}
+    hard = {m: accuracy(mem.snapshot(), xq, yq, k, m) for m in BASE_METHODS}
     mem.close()
     return {"study": "pruning", "k": k, "none": none, "hard": hard, "soft": soft,
             "hard_pruned": rep_hard["hard_pruned"], "threshold": rep_hard["threshold"],

@@ -14,7 +14,7 @@ def _out(cfg, out_dir: Optional[str]) -> str:
     return out_dir or storage.join(cfg.workdir, "eval")
 
 
-def evaluate_trust(cfg, mem, xq=None, yq=None, out_dir: Optional[str] = None, ood: bool = True) -> str:
+def evaluate_trust(cfg, snap, xq=None, yq=None, out_dir: Optional[str] = None, ood: bool = True) -> str:
     """Calibrate every vote method (stored with the memory version) and run the OOD study; the printed report."""
     from pipeline.eval.accuracy import load_queries, memory_embeddings, methods_of
     from pipeline.eval.calibration import run_calibration
@@ -26,12 +26,12 @@ def evaluate_trust(cfg, mem, xq=None, yq=None, out_dir: Optional[str] = None, oo
     if xq is None:
         xq, yq = load_queries(cfg)
     with phase("eval: calibration"):
-        cal = run_calibration(mem, xq, yq, methods_of(mem, cfg.eval.methods), cfg.memory.k, out,
+        cal = run_calibration(snap, xq, yq, methods_of(snap, cfg.eval.methods), cfg.memory.k, out,
                               cfg.memory.ood_neighbors)
-    text = [cal.format(), f"calibration stored with the memory: {calibration_url(mem.memory_dir, mem.version)}",
+    text = [cal.format(), f"calibration stored with the memory: {calibration_url(snap.memory_dir, snap.version)}",
             f"written: {out}/calibration.csv, reliability.png"]
     if ood:
-        ids, yb, xb = memory_embeddings(cfg, mem)
+        ids, yb, xb = memory_embeddings(cfg, snap)
         with phase("eval: OOD study (one held-out class at a time)"):
             rows = ood_study(xb, yb, xq, yq, n=cfg.memory.ood_neighbors, k=cfg.memory.k)
         storage.atomic_write_bytes(storage.join(out, "ood.csv"), ood_csv(rows).encode())
@@ -55,13 +55,13 @@ def run_trust_study(cfg, name: str, label: Optional[int] = None, n: int = 200,
         if name == "rerank":
             from pipeline.eval.rerank import format_rerank, run_rerank
 
-            r = run_rerank(cfg, mem, n, out)
+            r = run_rerank(cfg, mem.snapshot(), mem.embed, n, out)
             storage.atomic_write_json(storage.join(out, "study-rerank.json"), r)
             return format_rerank(r) + f"\nwritten: {out}/rerank.csv"
         xq, yq = load_queries(cfg)
         if name == "ood":
-            return evaluate_trust(cfg, mem, xq, yq, out)
-        ids, yb, xb = memory_embeddings(cfg, mem)
+            return evaluate_trust(cfg, mem.snapshot(), xq, yq, out)
+        ids, yb, xb = memory_embeddings(cfg, mem.snapshot())
     finally:
         mem.close()
     return _paper(cfg, xq, yq, xb, yb, ids, label, out)

@@ -30,7 +30,7 @@ log = logging.getLogger("vmem.index")
 def exact_knn(xq: np.ndarray, chunks: Iterable[Tuple[np.ndarray, np.ndarray]], k: int,
               metric: str = "ip") -> Tuple[np.ndarray, np.ndarray]:
     """Exact top-k (D, external ids) of `xq` over (xb, ids) chunks: brute force, merged chunk by chunk."""
-    from pipeline.index.router import merge_topk
+    from pipeline.index.neighbors import merge_topk
 
     keep_max = metric == "ip"
     mt = metric_of(metric)

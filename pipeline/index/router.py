@@ -1,8 +1,8 @@
 """The router: one `ShardSearcher` Ray actor per shard, queries fanned out concurrently, exact top-k merge.
 
-`Router(memory_dir, version=None).search(xq, k, nprobe=None, exclude=None, rerank_k=None) -> SearchResult` (the
+`Router(memory_dir, version=None).search(xq, k, nprobe=None, exclude=None, rerank_k=None) -> Neighbors` (the
 contract in docs/design.md). Every shard answers its own top-k (with the same trained quantizer, nprobe and
-re-rank depth), and `merge_topk` keeps the global best k, so the result equals one IVF index holding every
+re-rank depth), and `neighbors.merge` keeps the global best k, so the result equals one IVF index holding every
 vector (with re-ranking: its exact top-k among the candidates the shards' codes proposed). Ids are
 external int64 ids (-1 = no result); metadata comes from the shard that holds each hit.
 
@@ -14,75 +14,22 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence
 
-import faiss
 import numpy as np
 
 from pipeline.embed.parts import check_vectors
 from pipeline.errors import UserError
 from pipeline.index.manifest import Manifest, ManifestStore
+from pipeline.index.neighbors import META, Neighbors, merge, merge_topk
 from pipeline.index.shard import ExcludeSet, ExcludeShipper, ShardSearcher
 from pipeline.index.train import shard_of
 
 log = logging.getLogger("vmem.index")
 
-__all__ = ["Router", "SearchResult", "ExcludeSet", "merge_topk"]
+__all__ = ["Router", "Neighbors", "ExcludeSet", "merge_topk"]
 
-_META = ("labels", "label_names", "keys", "sources")
 MAX_RETRIES = 2
-
-
-@dataclass
-class SearchResult:
-    D: np.ndarray  # (nq, k) float32 similarities (inner product) or squared L2 distances
-    I: np.ndarray  # (nq, k) int64 external ids, -1 where fewer than k results exist
-    labels: np.ndarray  # (nq, k) int64, -1 for padding
-    label_names: np.ndarray  # (nq, k) object (str)
-    keys: np.ndarray
-    sources: np.ndarray
-    version: Optional[int] = None
-
-
-def merge_topk(Ds: Sequence[np.ndarray], Is: Sequence[np.ndarray], k: int, keep_max: bool = True):
-    """Exact global top-k of per-shard results; inner product keeps the max. Returns (D, I), each (nq, k).
-
-    Each shard's (D, I) is (nq, k_s) with rows sorted best first, as faiss search returns them; -1 ids pad.
-    """
-    assert len(Ds) == len(Is) and len(Ds) > 0, "need one (D, I) pair per shard"
-    width = max(int(k), max(d.shape[1] for d in Ds))
-    pad = -np.inf if keep_max else np.inf
-
-    def widen(a, fill, dtype):
-        a = np.asarray(a, dtype=dtype)
-        if a.shape[1] == width:
-            return a
-        out = np.full((a.shape[0], width), fill, dtype=dtype)
-        out[:, : a.shape[1]] = a
-        return out
-
-    Dall = np.stack([widen(d, pad, np.float32) for d in Ds])
-    Iall = np.stack([widen(i, -1, np.int64) for i in Is])
-    D, I = faiss.merge_knn_results(Dall, Iall, keep_max=keep_max)
-    return D[:, :k], I[:, :k]
-
-
-def gather_meta(I: np.ndarray, parts: List[Dict[str, np.ndarray]]) -> Dict[str, np.ndarray]:
-    """Metadata for merged ids I, taken from the per-shard answers that returned them."""
-    Icat = np.concatenate([p["I"] for p in parts], axis=1)
-    order = np.argsort(Icat, axis=1, kind="stable")
-    sorted_ids = np.take_along_axis(Icat, order, axis=1)
-    col = np.empty(I.shape, dtype=np.int64)
-    for r in range(I.shape[0]):
-        col[r] = order[r, np.clip(np.searchsorted(sorted_ids[r], I[r]), 0, Icat.shape[1] - 1)]
-    out = {}
-    for name in _META:
-        cat = np.concatenate([p[name] for p in parts], axis=1)
-        vals = np.take_along_axis(cat, col, axis=1)
-        fill = -1 if name == "labels" else ""
-        out[name] = np.where(I >= 0, vals, fill).astype(np.int64 if name == "labels" else object)
-    return out
 
 
 class Router:
@@ -142,7 +89,7 @@ class Router:
         return self._ship_exclude(exclude) if self.use_ray else exclude
 
     def search(self, xq: np.ndarray, k: int, nprobe: Optional[int] = None,
-               exclude: Optional[ExcludeSet] = None, rerank_k: Optional[int] = None) -> SearchResult:
+               exclude: Optional[ExcludeSet] = None, rerank_k: Optional[int] = None) -> Neighbors:
         """Global top-k for each row of `xq` (nq, dim): ids, scores, metadata. Exact merge over all shards.
 
         `rerank_k` (default: the manifest's) = candidates per shard re-ranked exactly; 0 turns re-ranking off.
@@ -156,17 +103,16 @@ class Router:
             parts = [s.search(xq, k, nprobe, exclude, rerank_k=rerank_k) for s in self.searchers]
         else:
             parts = self._search_ray(xq, k, nprobe, self._exclude_for_actors(exclude), rerank_k)
-        D, I = merge_topk([p["D"] for p in parts], [p["I"] for p in parts], k, keep_max=self.keep_max)
-        return SearchResult(D=D, I=I, version=self.version, **gather_meta(I, parts))
+        return merge(parts, k, keep_max=self.keep_max)
 
-    def _search_ray(self, xq, k, nprobe, exclude, rerank_k) -> List[Dict[str, np.ndarray]]:
+    def _search_ray(self, xq, k, nprobe, exclude, rerank_k) -> List[Neighbors]:
         import ray
         from ray.exceptions import RayActorError
 
         xq_ref = ray.put(xq)
         pending = {i: s.search.remote(xq_ref, k, nprobe, exclude, rerank_k=rerank_k)
                    for i, s in enumerate(self.searchers)}
-        parts: Dict[int, Dict[str, np.ndarray]] = {}
+        parts: Dict[int, Neighbors] = {}
         for i, ref in pending.items():
             for attempt in range(MAX_RETRIES + 1):
                 try:
@@ -186,7 +132,7 @@ class Router:
         """Metadata (labels, label_names, keys, sources) of ids, asked from the shard each id routes to."""
         ids = np.asarray(ids, dtype=np.int64)
         route = shard_of(ids, len(self.searchers))
-        out = {"labels": np.full(len(ids), -1, np.int64), **{m: np.full(len(ids), "", object) for m in _META[1:]}}
+        out = {name: np.full(len(ids), fill, dtype) for name, fill, dtype in META}
         for s in range(len(self.searchers)):
             sel = np.flatnonzero(route == s)
             if len(sel) == 0:
@@ -197,8 +143,8 @@ class Router:
                 got = ray.get(self.searchers[s].lookup.remote(ids[sel]))
             else:
                 got = self.searchers[s].lookup(ids[sel])
-            for m in _META:
-                out[m][sel] = got[m]
+            for name in out:
+                out[name][sel] = got[name]
         return out
 
     def close(self) -> None:

@@ -35,6 +35,8 @@ import pyarrow.parquet as pq
 from pipeline import storage
 from pipeline.errors import IntegrityError, NotFound
 from pipeline.index.manifest import ShardEntry, version_name
+from pipeline.index.neighbors import Neighbors
+from pipeline.index.rerank import rerank
 
 log = logging.getLogger("vmem.index")
 
@@ -274,15 +276,12 @@ class ShardSearcher:
         return self._excl[2]
 
     def search(self, xq: np.ndarray, k: int, nprobe: Optional[int] = None,
-               exclude: Optional[ExcludeSet] = None, with_meta: bool = True,
-               rerank_k: Optional[int] = None) -> Dict[str, np.ndarray]:
-        """Top-k of this shard: D (nq, k) scores, I (nq, k) external ids (-1 pad) and metadata arrays.
+               exclude: Optional[ExcludeSet] = None, rerank_k: Optional[int] = None) -> Neighbors:
+        """Top-k of this shard: scores, external ids (-1 pad) and the hits' metadata, as `Neighbors`.
 
         `rerank_k` (default: the searcher's) > 0 on a shard with a re-rank file: the codes propose
         max(k, rerank_k) candidates and the exact top-k among them is returned, with exact scores.
         """
-        from pipeline.index.rerank import rerank
-
         xq = np.ascontiguousarray(xq, dtype=np.float32)
         params = faiss.SearchParametersIVF(nprobe=int(nprobe or self.nprobe))
         sel = self._selector(exclude)
@@ -292,10 +291,7 @@ class ShardSearcher:
         D, I = self.index.search(xq, max(int(k), depth), params=params)
         if depth > 0:
             D, I = rerank(xq, I, self.meta_ids, self.vectors, int(k), self.metric)
-        out = {"D": D, "I": I}
-        if with_meta:
-            out.update(lookup_meta(self.meta, self.meta_ids, I))
-        return out
+        return Neighbors(D, I, **lookup_meta(self.meta, self.meta_ids, I))
 
     def lookup(self, ids: Sequence[int]) -> Dict[str, np.ndarray]:
         """Metadata of `ids` held by this shard (label -1 / empty strings for ids it does not hold)."""

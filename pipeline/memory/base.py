@@ -12,41 +12,14 @@ import numpy as np
 
 from pipeline import storage
 from pipeline.index.manifest import Manifest, ManifestStore
-from pipeline.memory.results import Neighbors
+from pipeline.index.neighbors import Neighbors
+from pipeline.index.router import Router
+from pipeline.index.shard import ExcludeSet
 
 
 def blob_url(memory_dir: str, item_id: int) -> str:
     """Where the image of an item added through the API is stored (erased with the item by compaction)."""
     return storage.join(memory_dir, "blobs", f"{int(item_id)}.png")
-
-
-def merge_neighbors(a: Neighbors, b: Neighbors, k: int) -> Neighbors:
-    """Exact top-k of two searches, each id once (an item folded by a compaction that this reader has not
-    followed yet can come from both); on equal similarity `a` ranks first."""
-    D = np.concatenate([a.D, b.D], axis=1)
-    I = np.concatenate([a.I, b.I], axis=1)
-    cols = [np.concatenate([x, y], axis=1) for x, y in zip(a.meta_columns(), b.meta_columns())]
-    order = np.argsort(-np.where(I < 0, -np.inf, D), axis=1, kind="stable")
-    nq = I.shape[0]
-    out_idx = np.zeros((nq, k), np.int64)
-    valid = np.zeros((nq, k), bool)
-    for q in range(nq):
-        seen, j = set(), 0
-        for p in order[q]:
-            i = int(I[q, p])
-            if i < 0 or i in seen:
-                continue
-            seen.add(i)
-            out_idx[q, j], valid[q, j] = p, True
-            j += 1
-            if j == k:
-                break
-    rows = np.arange(nq)[:, None]
-    D2 = np.where(valid, D[rows, out_idx], -np.inf).astype(np.float32)
-    I2 = np.where(valid, I[rows, out_idx], -1)
-    fills = (-1, "", "", "")
-    meta = [np.where(valid, c[rows, out_idx], f) for c, f in zip(cols, fills)]
-    return Neighbors(D2, I2, meta[0].astype(np.int64), *(m.astype(object) for m in meta[1:]))
 
 
 class BaseState:
@@ -75,8 +48,6 @@ class BaseState:
             if self._router_factory is not None:
                 self._router = self._router_factory(self.manifest)
             else:
-                from pipeline.index.router import Router
-
                 self._router = Router(self.memory_dir, self.version, use_ray=self.use_ray, manifest=self.manifest)
         return self._router
 
@@ -89,14 +60,7 @@ class BaseState:
         return self.label_names.get(int(label), str(label))
 
     def search(self, xq: np.ndarray, k: int, nprobe: Optional[int] = None,
-               exclude: Optional[np.ndarray] = None, exclude_tag=None) -> Neighbors:
-        """Top-k over the shards; `exclude` ids are skipped inside faiss (`exclude_tag` changes when they do)."""
-        from pipeline.index.shard import ExcludeSet
-
-        ex = ExcludeSet((self.version, exclude_tag), exclude) if exclude is not None and len(exclude) else None
-        r = self.router.search(xq, k, nprobe=nprobe, exclude=ex)
-        I = np.asarray(r.I, dtype=np.int64)
-        D = np.where(I < 0, -np.inf, np.asarray(r.D, dtype=np.float32))
-        return Neighbors(D, I, np.where(I < 0, -1, np.asarray(r.labels, dtype=np.int64)),
-                         np.asarray(r.label_names, dtype=object), np.asarray(r.keys, dtype=object),
-                         np.asarray(r.sources, dtype=object))
+               exclude: Optional[ExcludeSet] = None) -> Neighbors:
+        """Top-k over the shards (the router's answer); `exclude` ids are skipped inside faiss."""
+        nb = self.router.search(xq, k, nprobe=nprobe, exclude=exclude)
+        return nb.with_(D=np.where(nb.I < 0, -np.inf, nb.D).astype(np.float32))

@@ -35,7 +35,8 @@ from pipeline.index.manifest import CommitConflict, ShardEntry, version_name
 from pipeline.index.shard import (META_COLUMNS, mark_writing, open_vectors, read_index, read_meta, read_shard_vectors,
                                   save_shard)
 from pipeline.memory import erasure
-from pipeline.memory.state import ITEMS, id_filter, retry
+from pipeline.memory.snapshot import Snapshot
+from pipeline.memory.state import ITEMS, MemoryState, id_filter, retry
 from pipeline.runtime import phase
 
 log = logging.getLogger("vmem.compaction")
@@ -57,38 +58,49 @@ def _meta_table(ids: np.ndarray, metas: Dict[int, dict], schema: pa.Schema) -> p
     return pa.table(rows).select(list(META_COLUMNS)).cast(schema)
 
 
-def compact(mem, force: bool = False, grace_s: Optional[float] = None) -> Optional[dict]:
-    """Compact `mem` (a VisualMemory); returns a report dict, or None when there was nothing to do or another
-    writer committed the next version first. Erasure runs at once when the grace period (`grace_s`, default
+def compact(state: MemoryState, snap: Snapshot, force: bool = False,
+            grace_s: Optional[float] = None) -> Optional[dict]:
+    """Compact the memory whose committed state `snap` is (newest first: a compaction from an old snapshot
+    steps aside at commit); returns a report dict, or None when there was nothing to do or another writer
+    committed the next version first. Erasure runs at once when the grace period (`grace_s`, default
     `memory.grace_period_s`) is 0, else at the first compaction or `vmem compact` after it."""
-    grace = float(mem._default("grace_period_s", 30.0) if grace_s is None else grace_s)
-    erasure.erase_due(mem.memory_dir, mem.state, mem.cfg)
-    mem.refresh()
-    with mem._lock:
-        base, delta = mem.base, mem.delta
-        dead = mem.forgotten.copy()
-        d_ids, d_xb = delta.vectors()
-        d_meta = {int(i): dict(delta.meta[int(i)]) for i in d_ids.tolist()}
+    memory_dir, cfg = snap.memory_dir, snap.cfg
+    grace = float(cfg.memory.grace_period_s if grace_s is None else grace_s)
+    base, dead = snap.base, snap.forgotten.copy()
+    d_ids, d_xb = snap.delta.vectors()
     keep = ~np.isin(d_ids, dead)
     d_ids, d_xb = d_ids[keep], d_xb[keep]
     if not force and not len(dead) and not len(d_ids):
         log.info("compaction: nothing to fold (no delta, no deletions)")
+        _erase_now(memory_dir, state, cfg)  # the backlog that is due, if any
         return None
+    d_meta = _item_meta(state, d_ids)
     store, m = base.store, base.manifest
     t0 = time.perf_counter()
     new_version = m.version + 1
     tag = uuid.uuid4().hex[:8]
-    marker = mark_writing(mem.memory_dir, f"{version_name(new_version)}-{tag}")  # sweeps keep it meanwhile
+    marker = mark_writing(memory_dir, f"{version_name(new_version)}-{tag}")  # sweeps keep it meanwhile
     route = itrain.shard_of(d_ids, m.num_shards) if len(d_ids) else np.zeros(0, np.int64)
-    _hang_point(mem.memory_dir, "start")
+    _hang_point(memory_dir, "start")
     entries: List[ShardEntry] = []
     removed_total = added_total = 0
-    with phase(f"compaction of {mem.memory_dir} v{m.version} -> v{new_version}"):
+    # Ids route to shards by `shard_of` (builds and compactions alike): a shard no deleted or added id routes
+    # to is untouched without reading it.
+    dead_shards = set(itrain.shard_of(dead, m.num_shards).tolist()) if len(dead) else set()
+    folded = np.zeros(0, np.int64)  # delta ids a shard already holds (a compaction that died before marking)
+    with phase(f"compaction of {memory_dir} v{m.version} -> v{new_version}"):
         for s in m.shards:
+            if not force and s.shard not in dead_shards and not (route == s.shard).any():
+                entries.append(s)
+                continue
             meta = read_meta(store.url(s.meta_path), s.meta_sha256).select(list(META_COLUMNS))
             ids = meta.column("id").to_numpy()
             gone = np.isin(ids, dead)
             mine = route == s.shard
+            if not force:  # folded already (same id, same vector): mark it, never remove and re-add it
+                held = mine & np.isin(d_ids, ids)
+                folded = np.union1d(folded, d_ids[held])
+                mine &= ~held
             if not gone.any() and not mine.any() and not force:
                 entries.append(s)  # untouched: v+1 references the same files
                 continue
@@ -99,7 +111,7 @@ def compact(mem, force: bool = False, grace_s: Optional[float] = None) -> Option
             keep_meta = ~np.isin(ids, drop)
             parts = [meta.filter(pa.array(keep_meta))]
             # The re-rank file travels with its rows: kept rows (sorted by id, like the kept meta), then adds.
-            old = read_shard_vectors(mem.memory_dir, s, drop_ids=drop)
+            old = read_shard_vectors(memory_dir, s, drop_ids=drop)
             vecs = None if old is None else [old[1]]
             if mine.any():
                 itrain.add_vectors(index, d_xb[mine], d_ids[mine])  # encoded with the shared trained quantizer
@@ -108,10 +120,23 @@ def compact(mem, force: bool = False, grace_s: Optional[float] = None) -> Option
                 if vecs is not None:
                     vecs.append(d_xb[mine])
             dtype = open_vectors(store.url(s.vectors_path)).dtype.name if old is not None else "float32"
-            entries.append(save_shard(mem.memory_dir, new_version, s.shard, index, pa.concat_tables(parts), tag=tag,
+            entries.append(save_shard(memory_dir, new_version, s.shard, index, pa.concat_tables(parts), tag=tag,
                                       vectors=None if vecs is None else np.concatenate(vecs), rerank_dtype=dtype))
-            _hang_point(mem.memory_dir, "shard")
-        _hang_point(mem.memory_dir, "before_commit")
+            _hang_point(memory_dir, "shard")
+        if not force and all(e is s for e, s in zip(entries, m.shards)):
+            # Nothing to fold or remove (another compaction did it, or the deleted ids only wait for their
+            # erasure): no new version. Ids the backlog lacks (a compaction killed before scheduling) join it.
+            storage.remove(marker)
+            mark_folded(state, folded, m.version)
+            known = erasure.pending_ids(memory_dir)
+            missing = dead[~np.isin(dead, known)]
+            if len(missing):
+                erasure.schedule(memory_dir, m.version, missing, time.time() + grace)
+            log.info("compaction: nothing to fold or remove in v%d (%d deleted id(s) wait for erasure)", m.version,
+                     len(dead))
+            _erase_now(memory_dir, state, cfg)
+            return None
+        _hang_point(memory_dir, "before_commit")
         names = dict(m.build.get("label_names", {}))
         names.update({str(d_meta[int(i)]["label"]): d_meta[int(i)]["label_name"] for i in d_ids.tolist()})
         new = m.next_version(shards=entries)
@@ -130,24 +155,44 @@ def compact(mem, force: bool = False, grace_s: Optional[float] = None) -> Option
             log.info("compaction stepped aside: %s", e)
             return None
         storage.remove(marker)
-        _hang_point(mem.memory_dir, "after_commit")
-        mark_folded(mem.state, d_ids, new_version)
+        _hang_point(memory_dir, "after_commit")
+        mark_folded(state, d_ids, new_version)
+        mark_folded(state, folded, m.version)
         for f in id_filter(dead.tolist()):
-            mem.state[ITEMS].delete(f)
-        mem.state.record("compact", f"v{new_version}: folded {len(d_ids)} added item(s), removed "
+            state[ITEMS].delete(f)
+        state.record("compact", f"v{new_version}: folded {len(d_ids)} added item(s), removed "
                                     f"{removed_total} vector(s) of {len(dead)} deleted item(s)")
     seconds = time.perf_counter() - t0
-    mem.refresh()
     report = {"version": new_version, "parent": m.version, "removed": removed_total, "added": added_total,
               "erased_ids": int(len(dead)), "seconds": seconds,
               "items_per_s": (removed_total + added_total + sum(e.count for e in entries)) / max(seconds, 1e-9)}
     log.info("compaction committed v%d: removed %d, added %d in %.2f s", new_version, removed_total, added_total,
              seconds)
-    _hang_point(mem.memory_dir, "before_erase")
-    pending = erasure.schedule(mem.memory_dir, new_version, dead, time.time() + grace)
-    if grace <= 0:
-        report["erasure"] = erasure.erase(mem.memory_dir, mem.state, pending, mem.cfg)
+    _hang_point(memory_dir, "before_erase")
+    # One backlog: ids already pending (scheduled by an earlier compaction) are not scheduled again.
+    known = erasure.pending_ids(memory_dir)
+    erasure.schedule(memory_dir, new_version, dead[~np.isin(dead, known)], time.time() + grace)
+    report.update(_erase_now(memory_dir, state, cfg))
     return report
+
+
+def _erase_now(memory_dir: str, state: MemoryState, cfg) -> dict:
+    """Drain the erasure backlog that is due: {"erasure": the report summary, or "deferred: <why>, retry at
+    <time>", or None when nothing was pending; "erased_ids": how many ids were erased now}."""
+    st = erasure.drain(memory_dir, state, cfg)
+    if st["status"] == "erased":
+        return {"erasure": st["report"], "erased_ids": int(st["report"]["erased_ids"])}
+    if st["status"] == "deferred":
+        text = erasure.deferred_text(st)
+        log.warning("compaction: erasure %s", text)
+        return {"erasure": text, "erased_ids": 0}
+    return {"erasure": None, "erased_ids": 0}
+
+
+def _item_meta(state: MemoryState, ids: np.ndarray) -> Dict[int, dict]:
+    """id -> shard metadata columns of these items, read from the item table (the source of truth)."""
+    t = state.items(ids.tolist(), list(META_COLUMNS)) if len(ids) else None
+    return {} if t is None else {int(r["id"]): r for r in t.to_pylist()}
 
 
 def mark_folded(state, ids: np.ndarray, version: int) -> None:

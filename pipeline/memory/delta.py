@@ -2,19 +2,30 @@
 exactly in RAM.
 
 An item is in the delta while its `indexed` version is not in the current manifest's lineage (0 for a fresh
-add; an older compaction's number after a rebuild). The table is read incrementally: Lance fragments are
-immutable, so on a new table version only fragments this process has not seen are read; when a seen fragment
-disappears (Lance compaction, or an update that rewrote rows) or the manifest changes, the delta is read
-again from scratch.
+add; an older compaction's number after a rebuild). `DeltaView` is an immutable value (a snapshot holds one);
+`DeltaFollower` makes the next view from the rows committed since the last one. The table is read
+incrementally: Lance fragments are immutable, so on a new table version only fragments not seen yet are read;
+when a seen fragment disappears (Lance compaction, or an update that rewrote rows) the delta is read again
+from scratch.
+
+A view is a tuple of immutable chunks, each an exact faiss index over some rows. A new chunk per catch-up
+keeps an edit's cost proportional to the rows it added; chunks of similar size are merged (like an LSM tree),
+so a view has O(log n) chunks and each row is copied O(log n) times over the delta's life.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import faiss
 import numpy as np
+import pyarrow as pa
 
+from pipeline.index.neighbors import META, Neighbors, merge
 from pipeline.memory.state import ITEMS, META_FIELDS, MemoryState, vectors_of
+
+_COLUMN_OF = {"labels": "label", "label_names": "label_name", "keys": "key", "sources": "source"}
 
 
 def id_selector(ids: np.ndarray) -> Optional[faiss.IDSelector]:
@@ -34,64 +45,133 @@ def delta_filter(lineage: Sequence[int]) -> str:
     return "vector IS NOT NULL" + folded
 
 
-class DeltaIndex:
-    """Exact in-memory index over the delta rows of the item table, with their metadata by id."""
+@dataclass(frozen=True)
+class DeltaChunk:
+    """Exact index over some delta rows, with their metadata; never changed after creation."""
+    ids: np.ndarray  # int64, in index order
+    index: faiss.Index  # IndexIDMap2(IndexFlatIP)
+    meta: Dict[str, np.ndarray]  # Neighbors metadata field -> values aligned with `ids`
+
+    @classmethod
+    def build(cls, ids: np.ndarray, xb: np.ndarray, meta: Dict[str, np.ndarray]) -> "DeltaChunk":
+        index = faiss.IndexIDMap2(faiss.IndexFlatIP(xb.shape[1]))
+        index.add_with_ids(np.ascontiguousarray(xb, np.float32), np.ascontiguousarray(ids, np.int64))
+        return cls(np.asarray(ids, np.int64), index, meta)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    @cached_property
+    def _sorted(self) -> Tuple[np.ndarray, np.ndarray]:
+        order = np.argsort(self.ids, kind="stable")
+        return self.ids[order], order
+
+    def vectors(self) -> np.ndarray:
+        inner = faiss.downcast_index(self.index.index)
+        return inner.reconstruct_n(0, inner.ntotal) if len(self) else np.zeros((0, self.index.d), np.float32)
+
+    def search(self, xq: np.ndarray, k: int, sel) -> Neighbors:
+        params = faiss.SearchParameters(sel=sel) if sel is not None else None
+        D, I = self.index.search(xq, min(k, len(self)), params=params)
+        D = np.where(I < 0, -np.inf, D).astype(np.float32)
+        return Neighbors(D, I, **self.lookup(I))
+
+    def lookup(self, I: np.ndarray) -> Dict[str, np.ndarray]:
+        """Metadata arrays shaped like `I` (fills where an id is not in this chunk)."""
+        ids, order = self._sorted
+        flat = I.reshape(-1)
+        pos = np.clip(np.searchsorted(ids, flat), 0, max(len(ids) - 1, 0))
+        found = (flat >= 0) & (ids[pos] == flat) if len(ids) else np.zeros(len(flat), bool)
+        rows = order[pos]
+        return {name: np.where(found, self.meta[name][rows], fill).astype(dtype).reshape(I.shape)
+                for name, fill, dtype in META}
+
+
+def merge_chunks(a: DeltaChunk, b: DeltaChunk) -> DeltaChunk:
+    return DeltaChunk.build(np.concatenate([a.ids, b.ids]), np.vstack([a.vectors(), b.vectors()]),
+                            {n: np.concatenate([a.meta[n], b.meta[n]]) for n in a.meta})
+
+
+@dataclass(frozen=True)
+class DeltaView:
+    """The delta as of one item-table version: an immutable value any number of threads may search."""
+    dim: int
+    table_version: int
+    chunks: Tuple[DeltaChunk, ...] = ()
+
+    def __len__(self) -> int:
+        return sum(len(c) for c in self.chunks)
+
+    def search(self, xq: np.ndarray, k: int, sel=None) -> Optional[Neighbors]:
+        """Exact top-k over the delta's rows minus the ids `sel` excludes; None when the delta is empty."""
+        if not self.chunks:
+            return None
+        return merge([c.search(xq, k, sel) for c in self.chunks], k)
+
+    def ids(self) -> np.ndarray:
+        return np.concatenate([c.ids for c in self.chunks]) if self.chunks else np.zeros(0, np.int64)
+
+    def vectors(self) -> Tuple[np.ndarray, np.ndarray]:
+        """(ids, xb) of every delta item."""
+        if not self.chunks:
+            return np.zeros(0, np.int64), np.zeros((0, self.dim), np.float32)
+        return np.concatenate([c.ids for c in self.chunks]), np.vstack([c.vectors() for c in self.chunks])
+
+    def metadata(self, ids: np.ndarray) -> Dict[str, np.ndarray]:
+        """Neighbors metadata fields for `ids` (1-d), from whichever chunk holds each."""
+        I = np.asarray(ids, np.int64).reshape(1, -1)
+        out = {name: np.full(I.shape, fill, dtype) for name, fill, dtype in META}
+        for c in self.chunks:
+            got = c.lookup(I)
+            held = np.isin(I, c.ids)
+            for name in out:
+                out[name] = np.where(held, got[name], out[name])
+        return {name: a[0] for name, a in out.items()}
+
+
+class DeltaFollower:
+    """Makes `DeltaView`s of the item table's delta rows for one manifest lineage, reading only new fragments."""
 
     def __init__(self, state: MemoryState, dim: int, lineage: Sequence[int]):
         self.state, self.dim, self.lineage = state, dim, list(lineage)
-        self.table_version = -1
         self._fragments: set = set()
-        self._reset_index()
-        self.catch_up()
+        self._ids = np.zeros(0, np.int64)  # sorted ids already in the view
+        self.view = DeltaView(dim, -1)
 
-    def _reset_index(self) -> None:
-        self.index = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
-        self.meta: Dict[int, dict] = {}
-
-    def __len__(self) -> int:
-        return len(self.meta)
-
-    def catch_up(self) -> int:
-        """Read rows committed (by any process) since the last call; returns how many were new."""
+    def catch_up(self) -> DeltaView:
+        """The view including rows committed (by any process) since the last call (the same object if none)."""
         v = self.state[ITEMS].version()
-        if v == self.table_version:
-            return 0
+        if v == self.view.table_version:
+            return self.view
         t, reset = self.state[ITEMS].new_rows(self._fragments, ["id", *META_FIELDS, "vector"],
                                                delta_filter(self.lineage))
+        chunks = self.view.chunks
         if reset:
-            self._reset_index()
-        self.table_version = v
-        return self._apply(t) if t.num_rows else 0
+            chunks, self._ids = (), np.zeros(0, np.int64)
+        chunk = self._chunk(t) if t.num_rows else None
+        if chunk is not None:
+            chunks = _push(chunks, chunk)
+            self._ids = np.union1d(self._ids, chunk.ids)
+        self.view = DeltaView(self.dim, v, chunks)
+        return self.view
 
-    def _apply(self, t) -> int:
+    def _chunk(self, t: pa.Table) -> Optional[DeltaChunk]:
         ids = t.column("id").to_numpy().astype(np.int64)
-        keep = np.array([int(i) not in self.meta for i in ids], bool)
-        if not keep.any():
-            return 0
-        t = t.filter(keep)
-        ids = ids[keep]
         _, first = np.unique(ids, return_index=True)  # one row per id (a key added twice at once)
-        t, ids = t.take(np.sort(first)), ids[np.sort(first)]
-        self.index.add_with_ids(vectors_of(t, self.dim), ids)
-        self.meta.update({int(i): row for i, row in zip(ids, t.select(list(META_FIELDS)).to_pylist())})
-        return len(ids)
+        keep = np.zeros(len(ids), bool)
+        keep[first] = True
+        keep &= ~np.isin(ids, self._ids)
+        if not keep.any():
+            return None
+        t = t.filter(pa.array(keep))
+        meta = {name: t.column(_COLUMN_OF[name]).to_numpy(zero_copy_only=False) for name, _, _ in META}
+        meta = {name: np.asarray(meta[name], dtype) for name, _, dtype in META}
+        return DeltaChunk.build(ids[keep], vectors_of(t, self.dim), meta)
 
-    def vectors(self) -> tuple:
-        """(ids, xb) of every delta item, in insertion order."""
-        n = self.index.ntotal
-        ids = faiss.vector_to_array(self.index.id_map).astype(np.int64)
-        xb = self.index.index.reconstruct_n(0, n) if n else np.zeros((0, self.dim), np.float32)
-        return ids, xb
 
-    def search(self, xq: np.ndarray, k: int, exclude: Optional[np.ndarray] = None):
-        """Exact top-k (D similarities, I ids; -1 padding) over live delta items."""
-        nq = xq.shape[0]
-        if self.index.ntotal == 0:
-            return np.full((nq, k), -np.inf, np.float32), np.full((nq, k), -1, np.int64)
-        sel = id_selector(exclude)
-        params = faiss.SearchParameters(sel=sel) if sel is not None else None
-        D, I = self.index.search(xq, k, params=params)
-        return np.where(I < 0, -np.inf, D).astype(np.float32), I
-
-    def rows(self, ids: List[int]) -> List[dict]:
-        return [self.meta.get(int(i), {}) for i in ids]
+def _push(chunks: Tuple[DeltaChunk, ...], chunk: DeltaChunk) -> Tuple[DeltaChunk, ...]:
+    out: List[DeltaChunk] = [*chunks, chunk]
+    while len(out) >= 2 and len(out[-2]) <= 2 * len(out[-1]):
+        b = out.pop()
+        out[-1] = merge_chunks(out[-1], b)
+    return tuple(out)

@@ -3,21 +3,23 @@ from __future__ import annotations
 
 import io
 import math
+from typing import Callable
+
+from PIL import Image
 
 from pipeline.figures import pyplot, save_png
 
 
-def _thumb(mem, item_id: int):
-    from PIL import Image
-
+def _thumb(load_image: Callable[[int], bytes], item_id: int):
     try:
-        return Image.open(io.BytesIO(mem.get_image(item_id))).convert("RGB")
+        return Image.open(io.BytesIO(load_image(item_id))).convert("RGB")
     except Exception:  # embedding-only items have no image: the tile shows its text alone
         return None
 
 
-def render_sheet(mem, pred, query_image, out: str, cols: int = 5) -> str:
-    """Write a PNG at `out` (local or s3://): query, neighbours (image, label, d, weight), vote totals."""
+def render_sheet(load_image: Callable[[int], bytes], pred, query_image, out: str, cols: int = 5) -> str:
+    """Write a PNG at `out` (local or s3://): query, neighbours (image via `load_image(id)`, label, d, weight),
+    vote totals."""
     plt = pyplot()
 
     nbrs = pred.neighbors
@@ -36,7 +38,7 @@ def render_sheet(mem, pred, query_image, out: str, cols: int = 5) -> str:
     for j, n in enumerate(nbrs):
         r, c = 1 + j // cols, j % cols
         ax = fig.add_subplot(gs[r, c + (1 if c >= 0 else 0)])
-        im = _thumb(mem, n.id)
+        im = _thumb(load_image, n.id)
         if im is not None:
             ax.imshow(im)
         extra = "" if n.multiplier == 1.0 else f" x{n.multiplier:g}"

@@ -9,9 +9,11 @@ from __future__ import annotations
 from typing import Dict, Optional
 
 from pipeline.errors import UserError
+from pipeline.memory.snapshot import Snapshot
+from pipeline.memory.state import MemoryState
 
 
-def intervene(mem, item_weights: Optional[Dict[int, float]] = None, label_weights: Optional[Dict[int, float]] = None,
+def intervene(state: MemoryState, snap: Snapshot, item_weights: Optional[Dict[int, float]] = None, label_weights: Optional[Dict[int, float]] = None,
               source_weights: Optional[Dict[str, float]] = None,
               relabel: Optional[Dict[int, int]] = None, label_names: Optional[Dict[int, str]] = None,
               clear: bool = False) -> int:
@@ -19,17 +21,16 @@ def intervene(mem, item_weights: Optional[Dict[int, float]] = None, label_weight
     table's new version. Unknown or deleted item ids raise NotFound."""
     if not clear and not (item_weights or label_weights or source_weights or relabel):
         raise UserError("intervene needs item weights, label weights, source weights, relabels or clear")
-    mem.require_live([int(i) for i in list(item_weights or {}) + list(relabel or {})])
+    snap.require_live([int(i) for i in list(item_weights or {}) + list(relabel or {})])
     rows = [{"kind": "clear"}] if clear else []
     rows += [{"kind": "item_weight", "target": int(i), "weight": float(w)} for i, w in (item_weights or {}).items()]
     rows += [{"kind": "item_label", "target": int(i), "label": int(lab),
-              "label_name": (label_names or {}).get(int(lab)) or mem.label_name(int(lab))}
+              "label_name": (label_names or {}).get(int(lab)) or snap.label_name(int(lab))}
              for i, lab in (relabel or {}).items()]
     rows += [{"kind": "label_weight", "target": int(l), "weight": float(w)} for l, w in (label_weights or {}).items()]
     rows += [{"kind": "source_weight", "target": str(s), "weight": float(w)} for s, w in (source_weights or {}).items()]
-    version = mem.state.set_overlays(rows)
-    mem.state.record("clear" if clear and len(rows) == 1 else ("relabel" if relabel and len(rows) == len(relabel)
+    version = state.set_overlays(rows)
+    state.record("clear" if clear and len(rows) == 1 else ("relabel" if relabel and len(rows) == len(relabel)
                                                                else "intervene"),
                      f"{len(rows)} overlay row(s)")
-    mem.refresh()
     return version

@@ -69,15 +69,12 @@ class Interventions:
                 label_names[q, j] = it.get("label_name") or str(it["label"])
         return labels, label_names
 
-    def apply(self, I: np.ndarray, labels: np.ndarray, label_names: np.ndarray, sources: np.ndarray):
-        """(multipliers, labels, label_names) after interventions for (nq, k) neighbour arrays.
-
-        Label overrides apply first; label weights then use the overridden label (what the vote counts).
-        """
+    def multipliers(self, I: np.ndarray, labels: np.ndarray, sources: np.ndarray) -> np.ndarray:
+        """(nq, k) vote multipliers of the item, label and source weights for neighbours whose `labels` are
+        the current ones (relabels already applied: a label weight follows what the vote counts)."""
         mult = np.ones(I.shape)
-        labels, label_names = self.relabel(I, labels, label_names)
         if not self:
-            return mult, labels, label_names
+            return mult
         for (q, j), i in np.ndenumerate(I):
             it = self.items.get(int(i))
             if it:
@@ -86,7 +83,7 @@ class Interventions:
             mult[labels == lab] *= w
         for src, w in self.sources.items():
             mult[sources == src] *= w
-        return mult, labels, label_names
+        return mult
 
 
 def load_interventions(state: MemoryState) -> Interventions:

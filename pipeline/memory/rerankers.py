@@ -1,12 +1,13 @@
 """Rerankers: reorder (or reweight) a query's neighbours before the vote, chosen by name (`memory.reranker`).
 
 A reranker is a name in a registry (like the encoders'): `@register_reranker("name")` on an entry function
-`fn(mem, cfg) -> Reranker`. A `Reranker` gets the query (its images when given, always its vectors `xq`) and
-its searched candidates `nb` (`memory.rerank_k` of them: ids, distances, labels; images through
-`load_image(id)`, by default `VisualMemory.get_image`) and returns `(order, weights)`: `order` (nq, n) is a
+`fn(cfg, image_size) -> Reranker`. A `Reranker` gets the query (its images when given, always its vectors
+`xq`) and its searched candidates `nb` (`memory.rerank_k` of them: ids, distances, labels; images through
+`load_image(id)`, the snapshot's stored-image reader) and returns `(order, weights)`: `order` (nq, n) is a
 permutation of each row's columns, best first; `weights` (nq, n) or None are vote factors aligned with the
-new order. `rerank_search` then keeps the first k of the new order, so the vote (every method) uses it; each
-neighbour remembers its search rank (`Neighbor.rank_before`).
+new order. `Snapshot.rerank` turns that into `Neighbors` again with `reorder` (the first k of the new order,
+so the vote of every method uses it; each neighbour remembers its search rank, `Neighbor.rank_before`). A
+reranker never calls back into the memory: it sees neighbours and images, nothing else.
 
 Shipped: `encoder` re-embeds the query and the candidates' stored images with a second, stronger encoder
 from the encoder registry (`memory.rerank_encoder`, default efficientnet_lite2; weights ship on PyPI) and
@@ -20,19 +21,18 @@ whose label it agrees with, 0 else); `needs_images = True`.
 from __future__ import annotations
 
 import logging
-import weakref
 from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
 from pipeline import storage
 from pipeline.errors import UserError
-from pipeline.memory.results import Neighbors
+from pipeline.embed.preprocess import decode_image
+from pipeline.index.neighbors import Neighbors
 
 log = logging.getLogger("vmem.memory")
 Order = Tuple[np.ndarray, Optional[np.ndarray]]
 _REGISTRY: Dict[str, Callable[..., "Reranker"]] = {}
-_ACTIVE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # memory -> (name, Reranker)
 
 
 class Reranker:
@@ -46,7 +46,7 @@ class Reranker:
 
 
 def register_reranker(name: str) -> Callable:
-    """Decorator: register an entry function `fn(mem, cfg) -> Reranker` under `name`."""
+    """Decorator: register an entry function `fn(cfg, image_size) -> Reranker` under `name`."""
     def wrap(fn):
         assert name not in _REGISTRY, f"reranker {name!r} registered twice"
         _REGISTRY[name] = fn
@@ -58,23 +58,12 @@ def available_rerankers() -> List[str]:
     return sorted(_REGISTRY)
 
 
-def create_reranker(name: str, mem, cfg=None) -> Reranker:
+def create_reranker(name: str, cfg, image_size: Optional[int] = None) -> Reranker:
+    """The reranker `name` for memories embedded at `image_size` px (UserError naming the choices if unknown)."""
     if name not in _REGISTRY:
         raise UserError(f"unknown reranker {name!r} (memory.reranker): choose one of "
                         f"{', '.join(available_rerankers())} or leave it unset")
-    return _REGISTRY[name](mem, cfg)
-
-
-def reranker_of(mem) -> Optional[Reranker]:
-    """The reranker `mem.cfg.memory.reranker` names (created once per memory), or None."""
-    name = getattr(getattr(mem.cfg, "memory", None), "reranker", None)
-    if not name:
-        return None
-    cached = _ACTIVE.get(mem)
-    if cached is None or cached[0] != name:
-        cached = (name, create_reranker(name, mem, mem.cfg))
-        _ACTIVE[mem] = cached
-    return cached[1]
+    return _REGISTRY[name](cfg, image_size)
 
 
 def reorder(nb: Neighbors, order: np.ndarray, weights: Optional[np.ndarray], k: int) -> Neighbors:
@@ -87,34 +76,13 @@ def reorder(nb: Neighbors, order: np.ndarray, weights: Optional[np.ndarray], k: 
     w = take(nb.weights)
     if weights is not None:
         w = np.asarray(weights, dtype=np.float64) * (1.0 if w is None else w)
-    out = Neighbors(take(nb.D), take(nb.I), take(nb.labels), take(nb.label_names), take(nb.keys),
-                    take(nb.sources), stored_labels=take(nb.stored_labels), weights=w,
-                    rank_before=take(np.asarray(before)))
-    return out.take(k)
-
-
-def rerank_search(mem, images=None, embeddings=None, k: Optional[int] = None, nprobe: Optional[int] = None,
-                  reranker: Optional[Reranker] = None) -> Neighbors:
-    """`mem.search`, and with a reranker (given, else the configured one) its candidates re-ranked to k."""
-    rr = reranker or reranker_of(mem)
-    k = int(k or (mem.cfg.memory.k if mem.cfg is not None else 10))
-    if rr is None:
-        return mem.search(images, embeddings, k=k, nprobe=nprobe)
-    if rr.needs_images and images is None:
-        raise UserError(f"reranker {type(rr).__name__} needs the query images: classify images, not vectors, "
-                        f"or set memory.reranker=null")
-    n = max(k, mem.cfg.memory.rerank_k if mem.cfg is not None else 50)
-    xq = mem.embed(images, embeddings)
-    nb = mem.search(embeddings=xq, k=n, nprobe=nprobe)
-    order, weights = rr.rerank(images, xq, nb, mem.get_image)
-    return reorder(nb, order, weights, k)
+    out = nb.take(order).with_(weights=w, rank_before=take(np.asarray(before)))
+    return out.first(k)
 
 
 def to_pil(image):
     """A PIL RGB image from PIL / bytes / a path or URL."""
     from PIL import Image
-
-    from pipeline.embed.preprocess import decode_image
 
     if isinstance(image, Image.Image):
         return image.convert("RGB")
@@ -154,11 +122,11 @@ class EncoderReranker(Reranker):
 
 
 @register_reranker("encoder")
-def _encoder_reranker(mem, cfg) -> Reranker:
-    from pipeline.embed.encoders import create_encoder
+def _encoder_reranker(cfg, image_size: Optional[int]) -> Reranker:
+    from pipeline.embed.encoders import create_encoder  # lazy: torch costs seconds to import
 
     m = cfg.memory
-    size = m.rerank_image_size or mem.base.image_size
+    size = m.rerank_image_size or image_size
     enc = create_encoder(m.rerank_encoder, pretrained=cfg.embed.pretrained, image_size=size)
     log.info("reranker: %s at %s px re-embeds the query and its %d candidates", m.rerank_encoder, size, m.rerank_k)
     return EncoderReranker(enc)

@@ -1,10 +1,9 @@
-"""What classify/search/explain return: plain dataclasses that serialise to JSON as they are."""
+"""What classify/explain return: plain dataclasses that serialise to JSON as they are. (Searches return
+`pipeline.index.neighbors.Neighbors`.)"""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional
-
-import numpy as np
 
 
 @dataclass
@@ -46,29 +45,3 @@ class Prediction:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-@dataclass
-class Neighbors:
-    """(nq, k) arrays of a search over the whole memory (shards + delta, tombstones excluded)."""
-    D: np.ndarray  # similarities (inner product), -inf where missing
-    I: np.ndarray  # external ids, -1 where missing
-    labels: np.ndarray
-    label_names: np.ndarray
-    keys: np.ndarray
-    sources: np.ndarray
-    stored_labels: Optional[np.ndarray] = None  # labels the shards hold, before relabel overlays
-    weights: Optional[np.ndarray] = None  # a reranker's per-neighbour vote factors (None = all 1)
-    rank_before: Optional[np.ndarray] = None  # a reranker's record of each neighbour's search rank
-
-    def meta_columns(self) -> tuple:
-        return self.labels, self.label_names, self.keys, self.sources
-
-    @property
-    def distances(self) -> np.ndarray:
-        return np.where(self.I < 0, np.nan, 1.0 - self.D)
-
-    def take(self, k: int) -> "Neighbors":
-        return Neighbors(*(None if a is None else a[:, :k] for a in (
-            self.D, self.I, self.labels, self.label_names, self.keys, self.sources, self.stored_labels,
-            self.weights, self.rank_before)))

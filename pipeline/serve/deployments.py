@@ -7,7 +7,7 @@ HTTP -> HAProxy (or Serve's proxy) -> Ingress replica 1..N (FastAPI; each opens 
                          memory.search -> small memory: the shards, in RAM, searched in this process
                                        -> large memory: ShardFanout ─┬─> shard-0 deployment (@serve.batch)
                                                                      ├─> shard-1 deployment
-                                                                     └─> ...  merge_topk in the ingress
+                                                                     └─> ...  neighbors.merge in the ingress
 ```
 Why this shape: a query costs the ingress ~1 ms of Python; every extra Ray hop costs about as much again, and
 the old router deployment between ingress and shards added one hop and no work, so the ingress fans out to
@@ -31,6 +31,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from pipeline.config import Config, from_dict, to_dict
+from pipeline.index.neighbors import Neighbors, merge
 from pipeline.index.shard import ExcludeShipper
 
 log = logging.getLogger("vmem.serve")
@@ -87,7 +88,7 @@ class ShardDeployment:
                 log.info("shard %d: loaded manifest version %d", self.shard_no, version)
         return s
 
-    def _search_group(self, queries: List[dict]) -> List[dict]:
+    def _search_group(self, queries: List[dict]) -> List[Neighbors]:
         """One faiss call for queries that share version, k, nprobe and exclude set; split per query."""
         q0 = queries[0]
         xq = np.concatenate([q["xq"] for q in queries]) if len(queries) > 1 else q0["xq"]
@@ -95,18 +96,18 @@ class ShardDeployment:
         parts, row = [], 0
         for q in queries:
             n = q["xq"].shape[0]
-            parts.append({name: a[row:row + n] for name, a in out.items()})
+            parts.append(out.rows(row, row + n))
             row += n
         return parts
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=BATCH_WAIT_S)
-    async def search(self, queries: List[dict]) -> List[dict]:
-        """Top-k of this shard for each query dict {version, xq, k, nprobe, exclude}: D, I and metadata."""
+    async def search(self, queries: List[dict]) -> List[Neighbors]:
+        """Top-k of this shard for each query dict {version, xq, k, nprobe, exclude}, as `Neighbors`."""
         groups: Dict[Tuple, List[int]] = {}
         for i, q in enumerate(queries):
             ex = q["exclude"]
             groups.setdefault((q["version"], q["k"], q["nprobe"], None if ex is None else ex.version), []).append(i)
-        results: List[Optional[dict]] = [None] * len(queries)
+        results: List[Optional[Neighbors]] = [None] * len(queries)
 
         def run():  # faiss releases the GIL: the replica's event loop keeps collecting the next batch
             for members in groups.values():
@@ -118,9 +119,9 @@ class ShardDeployment:
 
 
 class ShardFanout:
-    """The index layer's Router contract (`.search(xq, k, nprobe, exclude) -> SearchResult`) answered by the
+    """The index layer's Router contract (`.search(xq, k, nprobe, exclude) -> Neighbors`) answered by the
     shard deployments: called from the ingress's worker threads, it sends the query to every shard handle and
-    merges their top-k exactly (`merge_topk`).
+    merges their top-k exactly (`neighbors.merge`).
 
     The tombstone ids go to the object store once per exclude version (`ExcludeShipper`), so shards fetch and
     build their faiss selector once per set, not once per query.
@@ -132,14 +133,11 @@ class ShardFanout:
         self.keep_max = metric == "ip"
         self._exclude = ExcludeShipper()
 
-    def search(self, xq: np.ndarray, k: int, nprobe: Optional[int] = None, exclude=None) -> Any:
-        from pipeline.index.router import SearchResult, gather_meta, merge_topk
-
+    def search(self, xq: np.ndarray, k: int, nprobe: Optional[int] = None, exclude=None) -> Neighbors:
         q = {"version": self.version, "xq": np.ascontiguousarray(xq, dtype=np.float32), "k": int(k),
              "nprobe": nprobe, "exclude": self._exclude(exclude)}
         parts = [r.result() for r in [h.search.remote(q) for h in self.shards]]
-        D, I = merge_topk([p["D"] for p in parts], [p["I"] for p in parts], k, keep_max=self.keep_max)
-        return SearchResult(D=D, I=I, version=self.version, **gather_meta(I, parts))
+        return merge(parts, k, keep_max=self.keep_max)
 
     def close(self) -> None:
         """Nothing to release here: the shard deployments outlive any one manifest version."""
