@@ -20,7 +20,6 @@ step, so a test can kill it there.
 from __future__ import annotations
 
 import logging
-import os
 import time
 import uuid
 from typing import Dict, List, Optional
@@ -35,21 +34,12 @@ from pipeline.index.manifest import CommitConflict, ShardEntry, version_name
 from pipeline.index.shard import (META_COLUMNS, mark_writing, open_vectors, read_index, read_meta, read_shard_vectors,
                                   save_shard)
 from pipeline.memory import erasure
+from pipeline.memory.killpoints import hang_point
 from pipeline.memory.snapshot import Snapshot
 from pipeline.memory.state import ITEMS, MemoryState, id_filter, retry
 from pipeline.runtime import phase
 
 log = logging.getLogger("vmem.compaction")
-HANG_ENV = "VMEM_COMPACT_HANG_AT"
-
-
-def _hang_point(memory_dir: str, step: str) -> None:
-    if os.environ.get(HANG_ENV) == step:
-        storage.atomic_write_bytes(storage.join(memory_dir, f".hang-{step}"), b"")
-        while True:
-            time.sleep(1)
-
-
 def _meta_table(ids: np.ndarray, metas: Dict[int, dict], schema: pa.Schema) -> pa.Table:
     rows = {"id": pa.array(ids, pa.int64())}
     for c in META_COLUMNS[1:]:
@@ -81,7 +71,7 @@ def compact(state: MemoryState, snap: Snapshot, force: bool = False,
     tag = uuid.uuid4().hex[:8]
     marker = mark_writing(memory_dir, f"{version_name(new_version)}-{tag}")  # sweeps keep it meanwhile
     route = itrain.shard_of(d_ids, m.num_shards) if len(d_ids) else np.zeros(0, np.int64)
-    _hang_point(memory_dir, "start")
+    hang_point(memory_dir, "start")
     entries: List[ShardEntry] = []
     removed_total = added_total = 0
     # Ids route to shards by `shard_of` (builds and compactions alike): a shard no deleted or added id routes
@@ -122,7 +112,7 @@ def compact(state: MemoryState, snap: Snapshot, force: bool = False,
             dtype = open_vectors(store.url(s.vectors_path)).dtype.name if old is not None else "float32"
             entries.append(save_shard(memory_dir, new_version, s.shard, index, pa.concat_tables(parts), tag=tag,
                                       vectors=None if vecs is None else np.concatenate(vecs), rerank_dtype=dtype))
-            _hang_point(memory_dir, "shard")
+            hang_point(memory_dir, "shard")
         if not force and all(e is s for e, s in zip(entries, m.shards)):
             # Nothing to fold or remove (another compaction did it, or the deleted ids only wait for their
             # erasure): no new version. Ids the backlog lacks (a compaction killed before scheduling) join it.
@@ -136,7 +126,7 @@ def compact(state: MemoryState, snap: Snapshot, force: bool = False,
                      len(dead))
             _erase_now(memory_dir, state, cfg)
             return None
-        _hang_point(memory_dir, "before_commit")
+        hang_point(memory_dir, "before_commit")
         names = dict(m.build.get("label_names", {}))
         names.update({str(d_meta[int(i)]["label"]): d_meta[int(i)]["label_name"] for i in d_ids.tolist()})
         new = m.next_version(shards=entries)
@@ -155,7 +145,7 @@ def compact(state: MemoryState, snap: Snapshot, force: bool = False,
             log.info("compaction stepped aside: %s", e)
             return None
         storage.remove(marker)
-        _hang_point(memory_dir, "after_commit")
+        hang_point(memory_dir, "after_commit")
         mark_folded(state, d_ids, new_version)
         mark_folded(state, folded, m.version)
         for f in id_filter(dead.tolist()):
@@ -168,7 +158,7 @@ def compact(state: MemoryState, snap: Snapshot, force: bool = False,
               "items_per_s": (removed_total + added_total + sum(e.count for e in entries)) / max(seconds, 1e-9)}
     log.info("compaction committed v%d: removed %d, added %d in %.2f s", new_version, removed_total, added_total,
              seconds)
-    _hang_point(memory_dir, "before_erase")
+    hang_point(memory_dir, "before_erase")
     # One backlog: ids already pending (scheduled by an earlier compaction) are not scheduled again.
     known = erasure.pending_ids(memory_dir)
     erasure.schedule(memory_dir, new_version, dead[~np.isin(dead, known)], time.time() + grace)

@@ -16,7 +16,6 @@ changed (under a lock that only the builders of snapshots take).
 """
 from __future__ import annotations
 
-import io
 import logging
 import tarfile
 import threading

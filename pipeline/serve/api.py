@@ -1,6 +1,6 @@
 """The HTTP API of the visual memory as a FastAPI app (OpenAPI at /docs), built around one memory object.
 
-`create_api(cfg, memory)` needs only the `VisualMemory` methods, so the same app runs inside the Ray Serve
+`create_api(cfg, memory)` needs only the `ServedMemory` protocol (`pipeline.memory.protocol`), so the same app runs inside the Ray Serve
 ingress or in any ASGI server (tests, the schemathesis run). The routes live in `pipeline.serve.routes`, one
 router per concern; their bodies are the pydantic models of `pipeline.serve.models`.
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipeline.config import Config, env_token
 from pipeline.errors import NotFound, UserError
+from pipeline.memory.protocol import ServedMemory
 from pipeline.serve.batching import CountArrivals
 from pipeline.serve.limits import ApiError, BodyLimitMiddleware
 from pipeline.serve.metrics import ApiMetrics
@@ -103,7 +104,7 @@ class Observe:
             self.metrics.observe(route, scope["method"], status[0], started)
 
 
-def create_api(cfg: Config, memory: Any, token: Optional[str] = None) -> FastAPI:
+def create_api(cfg: Config, memory: ServedMemory, token: Optional[str] = None) -> FastAPI:
     """The FastAPI app serving `memory` with the limits and auth of `cfg.serve` (token: env_token(cfg))."""
     ctx = ServeContext(cfg, memory, token if token is not None else env_token(cfg))
     metrics = ApiMetrics(stats_fn=lambda: to_jsonable(memory.stats()))

@@ -21,9 +21,11 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.responses import Response
 
 from pipeline.config import Config
+from pipeline.memory.protocol import ServedMemory
 from pipeline.memory.results import Neighbor, Prediction
 from pipeline.serve.auth import check_bearer
 from pipeline.serve.batching import QueryBatcher
+from pipeline.serve.upkeep import Upkeep
 
 
 # Documents the scheme in /openapi.json; the check itself is `check_bearer`, which answers 401/403 as JSON.
@@ -38,15 +40,17 @@ class ServeContext:
     task it takes for the root, and under Serve's direct ingress that churned threads, and each new thread
     opens its own Lance handles (~1 ms each)."""
     cfg: Config
-    memory: Any
+    memory: ServedMemory
     token: Optional[str]
     write_lock: threading.Lock = field(default_factory=threading.Lock)
     pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(16, thread_name_prefix="vmem-api"))
     batcher: QueryBatcher = field(init=False)  # from cfg.serve, on `pool`
+    upkeep: Upkeep = field(init=False)  # background compaction (memory.auto_compact), poked after each write
 
     def __post_init__(self):
         sc = self.cfg.serve
         self.batcher = QueryBatcher(sc.query_batch, sc.query_concurrency, sc.query_wait_ms / 1000, self.pool)
+        self.upkeep = Upkeep(self.memory, enabled=self.cfg.memory.auto_compact).start()
 
     @property
     def dim(self) -> Optional[int]:
@@ -63,11 +67,15 @@ class ServeContext:
         return await self.read(fn, *args, **kwargs)
 
     async def write(self, fn: Callable, *args, **kwargs):
-        """Run a mutation on the pool, one at a time in this replica."""
+        """Run a mutation on the pool, one at a time in this replica; maintenance it makes due runs after it,
+        in the background (`Upkeep`), never inside the request."""
         def locked():
             with self.write_lock:
                 return fn(*args, **kwargs)
-        return await self.read(locked)
+        try:
+            return await self.read(locked)
+        finally:
+            self.upkeep.poke()
 
 
 class FastJSONRequest(Request):

@@ -80,10 +80,9 @@ async def delete_item(item_id: int = ItemId, ctx: ServeContext = Depends(need_wr
 
 @router.post("/v1/delete", response_model=m.Deleted, summary="forget items by ids, label or source")
 async def delete_many(body: m.DeleteRequest, ctx: ServeContext = Depends(need_write)):
-    given = {k: v for k, v in body.model_dump().items() if v is not None}
-    if len(given) != 1:
-        raise ApiError(422, "give exactly one of ids, label or source")
-    return {"deleted": int(await ctx.write(lambda: ctx.memory.delete(**given)))}
+    # What a delete may select (exactly one of ids, label, source) is decided by the memory layer
+    # (`pipeline.memory.deletes`), the same rule for Python, the CLI and HTTP: a UserError answers 422.
+    return {"deleted": int(await ctx.write(lambda: ctx.memory.delete(**body.model_dump())))}
 
 
 def relabel(memory: Any, ids: List[int], label: int, label_name: Optional[str]) -> dict:

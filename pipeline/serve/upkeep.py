@@ -1,0 +1,75 @@
+"""Maintenance beside the service, never inside a request: a replica's background thread compacts the memory
+when an edit has made it due (`memory.needs_compaction()`), so an add or delete that crosses the threshold
+answers in the time of an add or delete, and the compaction still happens within seconds.
+
+The thread wakes when a write finishes (`poke`) and every `INTERVAL_S` (edits may come from other replicas
+and processes). Several replicas may find the same compaction due: the first to commit wins and the others
+step aside at commit (see `pipeline.memory.compaction`), so nothing is done twice. Failures are logged as one
+warning and retried at the next wake-up; they never reach a client.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Optional
+
+from pipeline.memory.protocol import ServedMemory
+
+log = logging.getLogger("vmem.serve")
+INTERVAL_S = 30.0
+
+
+class Upkeep:
+    """The background compaction of one replica (see module docstring)."""
+
+    def __init__(self, memory: ServedMemory, enabled: bool = True, interval_s: float = INTERVAL_S):
+        self.memory, self.enabled, self.interval_s = memory, enabled, interval_s
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self.runs = 0  # compactions this thread committed (tests and /metrics read it)
+        self.last_error: Optional[str] = None
+        self._thread: Optional[threading.Thread] = None
+
+    def start(self) -> "Upkeep":
+        if self.enabled and self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="vmem-upkeep", daemon=True)
+            self._thread.start()
+        return self
+
+    def poke(self) -> None:
+        """A write finished: check soon whether maintenance is due."""
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.interval_s)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            self.run_once()
+
+    def run_once(self) -> Optional[dict]:
+        """Compact if due; returns the report (None when nothing was due or another process committed first)."""
+        try:
+            why = self.memory.needs_compaction()
+            if why is None:
+                return None
+            t0 = time.perf_counter()
+            log.info("background compaction: %s", why)
+            report = self.memory.compact()
+            if report is not None:
+                self.runs += 1
+                log.info("background compaction committed v%s in %.2f s", report.get("version"),
+                         time.perf_counter() - t0)
+            self.last_error = None
+            return report
+        except Exception as e:  # noqa: BLE001 - maintenance must never take the replica down
+            self.last_error = f"{type(e).__name__}: {e}"
+            log.warning("background compaction failed (retried at the next edit or in %.0f s): %s",
+                        self.interval_s, self.last_error)
+            return None
