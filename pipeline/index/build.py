@@ -171,9 +171,17 @@ def populate_shard(memory_dir: str, version: int, shard: int, num_shards: int, t
         vectors = np.concatenate(vecs) if vecs else np.zeros((0, index.d), rerank_dtype)
     entry = save_shard(memory_dir, version, shard, index, meta, vectors=vectors,
                        rerank_dtype=rerank_dtype or "float32")
-    done = {"entry": entry.__dict__, "trained_sha256": trained_sha, "rerank_dtype": rerank_dtype}
+    done = {"entry": entry.__dict__, "trained_sha256": trained_sha, "rerank_dtype": rerank_dtype,
+            "node": _node_id()}
     storage.atomic_write_json(storage.join(memory_dir, _done_path(version, shard)), done)
     return entry.__dict__
+
+
+def _node_id() -> Optional[str]:
+    """The Ray node this task runs on (kept in the shard's done file: which node of a cluster built it)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
 
 def _size(url: str) -> int:
