@@ -40,17 +40,24 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--index-key", default=None, help="faiss key (default: autofaiss's choice + the IVF rule)")
     p.add_argument("--max-memory", default=None, help="index memory budget (default: 1/32 of float32 size)")
     p.add_argument("--shards", type=positive_int, default=1, help="minimum number of shards")
+    p.add_argument("--nodes", type=positive_int, default=None, help="nodes the measured costs are spread over "
+                                                                   "(default: the plan's)")
+    p.add_argument("--cores-per-node", type=positive_int, default=32, help="cores per node (default 32)")
+    p.add_argument("--measured", default=None, help="benchmarks/scale.py results JSON (default: the committed "
+                                                    "benchmarks/results/scale.json; 'none' = formula only)")
 
 
 @command("plan", "estimate index key, bytes per item, RAM, shards and nodes for a memory of a given size",
          "vmem plan --items 1e9 --dim 1024 --ram-per-node 256GiB", _plan_args)
 def cmd_plan(cfg: Config, args: argparse.Namespace) -> int:
-    from pipeline.index.plan import plan_memory
+    from pipeline.index.plan import MEASURED_PATH, plan_memory
 
+    measured = None if args.measured == "none" else args.measured or MEASURED_PATH
     p = plan_memory(args.items, args.dim, args.ram_per_node, index_key=args.index_key,
                     max_memory=args.max_memory, num_shards=args.shards, metric=cfg.index.metric,
                     rerank=cfg.index.rerank, rerank_dtype=cfg.index.rerank_dtype,
-                    max_latency_ms=cfg.index.max_latency_ms)
+                    max_latency_ms=cfg.index.max_latency_ms, measured=measured, n_nodes=args.nodes,
+                    cores_per_node=args.cores_per_node)
     print(p.table())
     return 0
 

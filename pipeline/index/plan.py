@@ -21,15 +21,25 @@ shard searchers. The build driver holds the ids of every embedding row (8 bytes 
 for duplicates and deletions) and the training sample (`train_sample * dim * 4`). The item table (Lance, on
 disk) keeps ~`ITEM_ROW_BYTES` of metadata per item.
 
+Measured figures (`measured_costs`, shown by `vmem plan` under the estimate): `benchmarks/scale.py` runs one
+memory at 100k, 1M (and 10M) items through the real commands and records, per step, wall time, peak RSS of
+each process and disk bytes per item in `benchmarks/results/scale.json` (with the machine, date and commit).
+For each figure the plan fits cost = fixed + per_item * items through the two largest sizes measured (one size:
+per item only) and evaluates it at the plan's size, spreading the per-item work of the parallel steps (build,
+compaction) over the plan's nodes x cores. Every row says whether its value is measured (the plan's size was
+measured) or extrapolated, and from which sizes: a straight line from 1M to 1B is a claim, not a measurement.
+
 Disk (not RAM): with re-ranking (on for lossy codes unless `rerank="false"`) every item's vector is stored
 once more in its shard's re-rank file, dim * 4 (float32) or dim * 2 (float16) bytes, memory-mapped by the
 searchers: the OS page cache keeps the hot part, the rest stays on disk.
 """
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import asdict, dataclass
-from typing import Optional
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional, Tuple
 
 from pipeline.errors import UserError
 from pipeline.index.keys import autofaiss_key, choose_index, key_cost
@@ -39,6 +49,9 @@ HEADROOM = 0.75
 ITEM_ROW_BYTES = 120  # id, key, label, label name, source, tar URL of one item-table row (measured ~100-140)
 DELTA_META_BYTES = 300  # Python dict of one delta item's metadata, beside its vector
 INGRESS_FIXED = 400 << 20  # Python + Ray + FastAPI + faiss + Lance in one ingress replica (measured ~300-450 MiB)
+# The scale benchmark's committed figures (absent from an installed wheel: the plan then shows the formula only)
+MEASURED_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                             "benchmarks", "results", "scale.json")
 
 
 @dataclass
@@ -59,6 +72,7 @@ class Plan:
     ingress_bytes: int = 0  # one ingress / router process: fixed + pending edits, nothing per item
     driver_bytes: int = 0  # the build driver
     item_table_bytes: int = 0  # the Lance item table on disk
+    measured: Optional[dict] = None  # `measured_costs` at this plan's size (None: no figures found)
 
     def table(self) -> str:
         rows = [
@@ -78,7 +92,8 @@ class Plan:
             ("item table disk", format_bytes(self.item_table_bytes) + f" (~{ITEM_ROW_BYTES} B/item, Lance)"),
         ]
         width = max(len(r[0]) for r in rows)
-        return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+        text = "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)
+        return text + ("\n\n" + format_measured(self.measured) if self.measured else "")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -87,7 +102,8 @@ class Plan:
 def plan_memory(items, dim: int, ram_per_node, index_key: Optional[str] = None, max_memory=None,
                 num_shards: int = 1, metric: str = "ip", rerank: str = "auto", rerank_dtype: str = "float32",
                 max_latency_ms: float = 50.0, delta_items: int = 100000, pending_deletes: int = 1000000,
-                train_sample: int = 100000) -> Plan:
+                train_sample: int = 100000, measured: Optional[str] = MEASURED_PATH, n_nodes: Optional[int] = None,
+                cores_per_node: int = 32) -> Plan:
     """Estimate RAM, disk, shards and nodes for `items` vectors of `dim` (sizes may be human strings)."""
     from pipeline.index.rerank import dtype_bytes
 
@@ -111,5 +127,137 @@ def plan_memory(items, dim: int, ram_per_node, index_key: Optional[str] = None, 
     disk = d * dtype_bytes(rerank_dtype) if choice.rerank else 0
     ingress = INGRESS_FIXED + delta_items * (4 * d + 8 + DELTA_META_BYTES) + 8 * pending_deletes
     driver = 16 * n + min(n, train_sample) * d * 4
+    run_nodes = max(nodes, int(n_nodes)) if n_nodes else nodes
+    figures = load_measured(measured) if measured else None
     return Plan(n, d, key, cost.bytes_per_item, cost.fixed_bytes, n * cost.bytes_per_item + cost.fixed_bytes,
-                ram, shards, nodes, per_shard, choice.rerank, disk, n * disk, ingress, driver, n * ITEM_ROW_BYTES)
+                ram, shards, nodes, per_shard, choice.rerank, disk, n * disk, ingress, driver, n * ITEM_ROW_BYTES,
+                measured_costs(figures, n, run_nodes, cores_per_node) if figures else None)
+
+
+# ---------------------------------------------------------------- measured figures (benchmarks/scale.py)
+
+# (figure, step, what, unit, spread): `what` picks the value out of a step's record; spread = the per-item work
+# runs on every core of the cluster (Ray tasks over shards), so it divides by nodes x cores / measured cores.
+FIGURES: List[Tuple[str, str, str, str, bool]] = [
+    ("build (vmem build)", "build", "wall_s", "s", True),
+    ("build driver RSS", "build", "rss:driver", "B", False),
+    ("populate task RSS (largest)", "build", "rss:ray::populate_shard", "B", False),
+    ("fresh open + first query", "open", "open_first_query_s", "s", False),
+    ("query p50, in-process search", "query", "query_p50_ms", "ms", False),
+    ("query process RSS (index in-process)", "query", "rss:driver", "B", False),
+    ("single add p50", "add", "add_p50_ms", "ms", False),
+    ("single delete p50", "delete", "delete_p50_ms", "ms", False),
+    ("compact + erase 1,000 deletes + 1,000 adds", "compact", "wall_s", "s", True),
+    ("compaction driver RSS", "compact", "rss:driver", "B", False),
+    ("eval of 10k queries", "eval", "wall_s", "s", False),
+    ("serve: ingress replica RSS", "serve", "rss:ray::ServeReplica:vmem:ingress", "B", False),
+    ("serve: shard replica RSS (largest)", "serve", "rss:ray::ServeReplica:vmem:shard", "B", False),
+    ("disk per item (parts + memory)", "build", "disk_bytes_per_item", "B/item", False),
+]
+
+
+def load_measured(path: str) -> Optional[dict]:
+    """The scale benchmark's results file, or None when it does not exist (a plan without measured rows)."""
+    if not path or not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read the measured figures {path}: {e}") from e
+    if not isinstance(data, dict) or not isinstance(data.get("sizes"), dict):
+        raise UserError(f"{path} is not a benchmarks/scale.py results file (no 'sizes')")
+    data["path"] = path
+    return data
+
+
+def _value(record: dict, what: str) -> Optional[float]:
+    if what.startswith("rss:"):
+        prefix = what[4:]
+        vals = [v for k, v in record.get("rss", {}).items() if k == prefix or k.startswith(prefix)]
+        return float(max(vals)) if vals else None
+    v = record.get(what)
+    return float(v) if isinstance(v, (int, float)) else None
+
+
+def _series(data: dict, step: str, what: str) -> List[Tuple[int, float]]:
+    pts = []
+    for size in data["sizes"].values():
+        rec = size.get("steps", {}).get(step)
+        if rec and rec.get("status") == "ok":
+            v = _value(rec, what)
+            if v is not None:
+                pts.append((int(size["items"]), v))
+    return sorted(pts)
+
+
+def fit(points: List[Tuple[int, float]]) -> Tuple[float, float]:
+    """(fixed, per_item) of a straight line through the two largest sizes (one size: all of it per item).
+
+    A negative slope (noise, or a cost that does not grow) is read as 0 per item; a negative intercept as 0
+    fixed, keeping the line through the largest point."""
+    if len(points) == 1:
+        n, v = points[0]
+        return 0.0, v / n
+    (n1, v1), (n2, v2) = points[-2], points[-1]
+    b = max(0.0, (v2 - v1) / (n2 - n1))
+    a = v2 - b * n2
+    if a < 0:
+        a, b = 0.0, v2 / n2
+    return a, b
+
+
+def measured_costs(data: dict, items: int, nodes: int = 1, cores_per_node: int = 32) -> dict:
+    """Each measured figure at `items` on `nodes` x `cores_per_node`: value, per-item slope, basis."""
+    m = data.get("machine", {})
+    cores_measured = int(m.get("host_cpus") or 2)
+    rows: List[Dict] = []
+    for name, step, what, unit, spread in FIGURES:
+        pts = _series(data, step, what)
+        if not pts:
+            continue
+        fixed, per_item = fit(pts)
+        scale = cores_measured / (nodes * cores_per_node) if spread else 1.0
+        value = fixed + per_item * items * scale
+        exact = [v for n, v in pts if n == items]
+        if exact and (not spread or scale == 1.0):
+            value, basis = exact[0], "measured"
+        else:
+            basis = (f"extrapolated x{items / pts[-1][0]:,.0f} from " + ", ".join(_count(n) for n, _ in pts[-2:])
+                     + (f"; per-item work over {nodes} x {cores_per_node} cores (measured on {cores_measured})"
+                        if spread else ""))
+        growth = pts[-1][1] / pts[-2][1] if len(pts) > 1 and pts[-2][1] else None
+        rows.append({"figure": name, "unit": unit, "value": value, "fixed": fixed, "per_item": per_item,
+                     "measured": [[n, v] for n, v in pts], "growth_last": growth, "basis": basis})
+    return {"source": data.get("path"), "machine": m, "date": data.get("updated"), "dim": data.get("dim"),
+            "items": items, "nodes": nodes, "cores_per_node": cores_per_node, "rows": rows}
+
+
+def _count(n: int) -> str:
+    for unit, v in (("B", 10 ** 9), ("M", 10 ** 6), ("k", 10 ** 3)):
+        if n >= v:
+            return f"{n / v:g}{unit}"
+    return str(n)
+
+
+def _fmt(v: float, unit: str) -> str:
+    if unit == "B":
+        return format_bytes(int(v))
+    if unit == "s":
+        return f"{v / 3600:.1f} h" if v >= 3 * 3600 else f"{v:.1f} s"
+    return f"{v:,.2f} {unit}"
+
+
+def format_measured(mc: dict) -> str:
+    m = mc.get("machine", {})
+    head = (f"measured by benchmarks/scale.py ({mc.get('source')}; {mc.get('date')}, commit "
+            f"{m.get('commit', '?')}, {m.get('host_cpus', '?')} cores, {mc.get('dim')}-d vectors), at "
+            f"{_count(mc['items'])} items on {mc['nodes']} node(s) x {mc['cores_per_node']} cores:")
+    rows = [("figure", "value", "x last 10x", "measured at", "basis")]
+    for r in mc["rows"]:
+        at = ", ".join(f"{_count(n)}: {_fmt(v, r['unit'])}" for n, v in r["measured"])
+        g = f"{r['growth_last']:.2f}" if r["growth_last"] is not None else "-"
+        rows.append((r["figure"], _fmt(r["value"], r["unit"]), g, at, r["basis"]))
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = [head] + ["  " + "  ".join(c.ljust(w) for c, w in zip(row[:4], widths)) + "  " + row[4] for row in rows]
+    return "\n".join(lines)
