@@ -67,7 +67,6 @@ class EmbedConfig:
     cpus_per_actor: float = 1.0
     device: str = "auto"  # auto | cpu | cuda
     preprocess_batch_size: int = 64
-    rows_per_part: int = 4096
     torch_threads: Optional[int] = None  # intra-op threads per CPU encoder actor; None = node cores / num_actors
     max_failed_shards: int = 0  # tars that may fail to read (e.g. truncated) before the stage gives up
 
@@ -120,7 +119,8 @@ class MemoryConfig:
     xi: float = 1.0
     tau: float = 0.07
     alpha: float = 2.0
-    compact_threshold: float = 0.2  # a shard with >= this deleted ratio triggers compaction
+    # Compaction is due once deleted items waiting for erasure reach this fraction of the items in the shards
+    compact_threshold: float = 0.2
     delta_compact_items: int = 100000  # a delta bigger than this triggers compaction
     # Deleted items are erased this long after the compaction that removed them from the shards, so that
     # readers still searching the previous version (one query at most: every query follows the newest) finish.
@@ -223,7 +223,7 @@ CHOICES = {
     "index.rerank_dtype": ("float16", "float32"),
 }
 POSITIVE = ("data.samples_per_shard", "embed.batch_size", "embed.num_actors", "index.num_shards",
-            "memory.k", "memory.rerank_k", "memory.ood_neighbors", "embed.rows_per_part",
+            "memory.k", "memory.rerank_k", "memory.ood_neighbors",
             "embed.preprocess_batch_size", "serve.max_k", "serve.max_batch", "serve.ingress_replicas",
             "serve.shard_replicas", "serve.max_request_bytes", "serve.query_batch", "serve.query_concurrency",
             "memory.tau", "memory.alpha", "memory.delta_compact_items", "memory.prune_k",

@@ -100,7 +100,7 @@ def sample_manifest() -> Manifest:
     return Manifest(version=0, shards=[ShardEntry(0, "shards/v000001/shard-000.index",
                                                   "shards/v000001/shard-000.meta.parquet", 10, "a" * 64, "b" * 64)],
                     index_key="IVF4,Flat", dim=8, metric="ip", trained_path="trained/x.index",
-                    trained_sha256="c" * 64, nprobe=2, logs={"tombstones": "logs/t.jsonl"})
+                    trained_sha256="c" * 64, nprobe=2, build={"split": "train"})
 
 
 def check_store(url: str):
@@ -111,7 +111,7 @@ def check_store(url: str):
     m2 = store.load().next_version(nprobe=3)
     assert store.commit(m2) == 2 and store.versions() == [1, 2] and store.current_version() == 2
     loaded = store.load()
-    assert loaded.parent == 1 and loaded.nprobe == 3 and loaded.logs == {"tombstones": "logs/t.jsonl"}
+    assert loaded.parent == 1 and loaded.nprobe == 3 and loaded.build == {"split": "train"}
     assert store.load(1).nprobe == 2 and store.load(1).shards[0].count == 10
     with pytest.raises(UserError, match="committed by another writer"):
         m3 = store.load(1)

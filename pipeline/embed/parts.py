@@ -13,18 +13,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import storage
+from pipeline.data.items import META_COLUMNS, META_SCHEMA
 from pipeline.errors import DataError, NotFound
 
-META_COLUMNS = ("id", "key", "label", "label_name", "source", "shard")
 PART_PREFIX = "part-"
 MANIFEST_NAME = "_manifest.json"
 
 
 def schema(dim: int) -> pa.Schema:
-    return pa.schema([
-        ("id", pa.int64()), ("key", pa.string()), ("label", pa.int64()), ("label_name", pa.string()),
-        ("source", pa.string()), ("shard", pa.string()), ("embedding", pa.list_(pa.float32(), dim)),
-    ])
+    """A part's schema: the item's id and metadata (`pipeline.data.items`), then its embedding."""
+    return META_SCHEMA.append(pa.field("embedding", pa.list_(pa.float32(), dim)))
 
 
 def check_vectors(x: np.ndarray, dim: Optional[int] = None, what: str = "embeddings") -> np.ndarray:

@@ -7,7 +7,7 @@ images become `valid=False` rows so they are counted, not fatal) -> `map_batches
 consumes the stream in input order (`preserve_order`), so the rows of each tar arrive together: when a tar
 is complete it is written as `part-{shard index:05d}.parquet` and recorded `done` in `_manifest.json`
 (both atomic). A re-run skips tars whose part exists and is recorded done, so a crash costs at most the
-tars in flight. `rows_per_part` is not used: one part per tar keeps resume exact.
+tars in flight. One part per tar keeps resume exact.
 
 `embed_images(encoder, images, batch_size)` is the same computation in one process (tests, small jobs).
 """

@@ -2,19 +2,18 @@
 
 Layout under `memory_dir` (see docs/design.md):
 
-  CURRENT                       {"version": N}: the commit point, replaced atomically (temp+rename+fsync
-                                locally, one PUT on S3)
-  manifests/v000001.json        one immutable `Manifest` per version
+  manifests/v000001.json        one immutable `Manifest` per version; creating it exclusively IS the commit
+  CURRENT                       {"version": N}: a hint written after each commit (readers probe past it)
   trained/<sha>.index           the trained, empty IVF index every shard was populated from
   shards/v000001/shard-000.index, shard-000.meta.parquet, shard-000.vectors.npy (re-rank vectors, optional)
 
 All paths inside a manifest are RELATIVE to `memory_dir` (use `ManifestStore.url(rel)`), so a memory can be
 copied or moved (local <-> s3://) whole, and a later version may point at shard files of an earlier one (what
-compaction does for shards it leaves untouched). `logs` is free-form and belongs to the memory layer
-(tombstone / delta / overlay log paths); this layer only carries it from version to version.
+compaction does for shards it leaves untouched).
 
-`ManifestStore.commit` writes `manifests/vN.json` first and `CURRENT` last: a writer killed in between leaves
-the previous version current and intact; readers only ever follow `CURRENT`.
+`ManifestStore.commit` creates `manifests/vN.json` exclusively (of two writers of vN exactly one wins) and
+then rewrites the `CURRENT` hint; a writer killed in between has committed (readers probe forward from the
+hint), one killed before has changed nothing.
 """
 from __future__ import annotations
 
@@ -75,7 +74,6 @@ class Manifest:
     created_at: float = field(default_factory=time.time)
     encoder: Dict[str, Any] = field(default_factory=dict)  # name, image_size, preprocessing, dim (if known)
     recall: List[Dict[str, Any]] = field(default_factory=list)  # rows: nprobe, recall@10, recall@100, ms...
-    logs: Dict[str, Any] = field(default_factory=dict)  # owned by the memory layer
     build: Dict[str, Any] = field(default_factory=dict)  # how it was built: trainer, timings, source split
     extra: Dict[str, Any] = field(default_factory=dict)  # unknown keys of newer writers, kept on round-trip
 

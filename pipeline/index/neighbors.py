@@ -13,8 +13,10 @@ from typing import List, Optional, Sequence
 import faiss
 import numpy as np
 
+from pipeline.data.items import HIT_FIELDS
+
 # (field, fill for a missing neighbour, dtype): the per-neighbour metadata every search returns.
-META = (("labels", -1, np.int64), ("label_names", "", object), ("keys", "", object), ("sources", "", object))
+META = tuple((f.hit_name, f.fill, f.dtype) for f in HIT_FIELDS)
 _FILL = {"D": -np.inf, "I": -1, "labels": -1, "stored_labels": -1, "weights": 1.0, "rank_before": -1}
 
 

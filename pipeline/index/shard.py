@@ -33,6 +33,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import storage
+from pipeline.data.items import HIT_FIELDS, META_COLUMNS
 from pipeline.errors import IntegrityError, NotFound
 from pipeline.index.manifest import ShardEntry, version_name
 from pipeline.index.neighbors import Neighbors
@@ -40,7 +41,6 @@ from pipeline.index.rerank import rerank
 
 log = logging.getLogger("vmem.index")
 
-META_COLUMNS = ("id", "label", "label_name", "key", "source", "shard")
 _CHUNK = 8 << 20
 
 
@@ -214,14 +214,12 @@ def lookup_meta(meta: pa.Table, meta_ids: np.ndarray, I: np.ndarray) -> Dict[str
         found &= meta_ids[pos] == flat
     take = pa.array(np.where(found, pos, 0))
     out = {}
-    for col, name, fill in (("label", "labels", -1), ("label_name", "label_names", ""), ("key", "keys", ""),
-                            ("source", "sources", "")):
+    for f in HIT_FIELDS:
         if len(meta_ids) == 0:
-            vals = np.full(flat.shape, fill, dtype=np.int64 if fill == -1 else object)
+            vals = np.full(flat.shape, f.fill, dtype=f.dtype)
         else:
-            vals = meta.column(col).take(take).to_numpy(zero_copy_only=False)
-            vals = np.where(found, vals, fill)
-        out[name] = (vals.astype(np.int64) if fill == -1 else vals.astype(object)).reshape(I.shape)
+            vals = np.where(found, meta.column(f.name).take(take).to_numpy(zero_copy_only=False), f.fill)
+        out[f.hit_name] = vals.astype(f.dtype).reshape(I.shape)
     return out
 
 

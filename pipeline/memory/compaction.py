@@ -31,7 +31,8 @@ import pyarrow as pa
 from pipeline import storage
 from pipeline.index import train as itrain
 from pipeline.index.manifest import CommitConflict, ShardEntry, version_name
-from pipeline.index.shard import (META_COLUMNS, mark_writing, open_vectors, read_index, read_meta, read_shard_vectors,
+from pipeline.data.items import ITEM_FIELDS, META_COLUMNS
+from pipeline.index.shard import (mark_writing, open_vectors, read_index, read_meta, read_shard_vectors,
                                   save_shard)
 from pipeline.memory import erasure
 from pipeline.memory.killpoints import hang_point
@@ -42,9 +43,8 @@ from pipeline.runtime import phase
 log = logging.getLogger("vmem.compaction")
 def _meta_table(ids: np.ndarray, metas: Dict[int, dict], schema: pa.Schema) -> pa.Table:
     rows = {"id": pa.array(ids, pa.int64())}
-    for c in META_COLUMNS[1:]:
-        fill = -1 if c == "label" else ""
-        rows[c] = [metas[int(i)].get(c) if metas[int(i)].get(c) is not None else fill for i in ids]
+    for f in ITEM_FIELDS:
+        rows[f.name] = [metas[int(i)].get(f.name) if metas[int(i)].get(f.name) is not None else f.fill for i in ids]
     return pa.table(rows).select(list(META_COLUMNS)).cast(schema)
 
 

@@ -22,10 +22,11 @@ import faiss
 import numpy as np
 import pyarrow as pa
 
+from pipeline.data.items import HIT_FIELDS, META_FIELDS
 from pipeline.index.neighbors import META, Neighbors, merge
-from pipeline.memory.state import ITEMS, META_FIELDS, MemoryState, vectors_of
+from pipeline.memory.state import ITEMS, MemoryState, vectors_of
 
-_COLUMN_OF = {"labels": "label", "label_names": "label_name", "keys": "key", "sources": "source"}
+_COLUMN_OF = {f.hit_name: f.name for f in HIT_FIELDS}
 
 
 def id_selector(ids: np.ndarray) -> Optional[faiss.IDSelector]:

@@ -107,14 +107,14 @@ class AbstainPolicy:
 
 
 def policy_of(cfg) -> AbstainPolicy:
-    a = getattr(getattr(cfg, "memory", None), "abstain", None)
-    return AbstainPolicy(a.min_confidence, a.max_ood) if a is not None else AbstainPolicy()
+    a = cfg.memory.abstain
+    return AbstainPolicy(a.min_confidence, a.max_ood)
 
 
-def annotate(preds: List, v, nb, memory_dir: str, version: int, cfg=None) -> List:
+def annotate(preds: List, v, nb, memory_dir: str, version: int, cfg) -> List:
     """Fill the trust fields of `preds` (one per row of `nb`) from their vote `v`, in place; returns `preds`."""
     conf = C.of_votes(v)
-    n_ood = cfg.memory.ood_neighbors if cfg is not None else 100
+    n_ood = cfg.memory.ood_neighbors
     ood = C.ood_score(nb.distances, n_ood)
     k = int((nb.I >= 0).sum(axis=1).max(initial=0))
     cal = load_calibration(memory_dir, version)
@@ -128,7 +128,7 @@ def annotate(preds: List, v, nb, memory_dir: str, version: int, cfg=None) -> Lis
         p.probability = None if prob is None else float(prob[q])
         p.ood = None if threshold is None else bool(ood[q] > threshold)
         if nb.rank_before is not None:
-            p.reranker = getattr(getattr(cfg, "memory", None), "reranker", None) or "custom"
+            p.reranker = cfg.memory.reranker or "custom"
             for n, r in zip(p.neighbors, nb.rank_before[q][nb.I[q] >= 0]):
                 n.rank_before = int(r)
         why = policy.reason(p.confidence, p.probability, p.ood_score)
