@@ -39,7 +39,7 @@ from pipeline.index.units import parse_count  # noqa: E402
 LATENT = 24  # intrinsic dimension of the synthetic data
 
 
-def clustered(rng, space, n: int, noise: float) -> np.ndarray:
+def clustered(rng, space, n: int, noise: float, labels: bool = False):
     """Unit vectors around cluster centres in a LATENT-dim subspace, lifted to `dim` with a little ambient noise.
 
     Real image embeddings have a low intrinsic dimension; isotropic noise in all `dim` directions would make
@@ -47,9 +47,11 @@ def clustered(rng, space, n: int, noise: float) -> np.ndarray:
     workload) resembles.
     """
     centers, lift = space
-    z = centers[rng.integers(0, len(centers), n)] + noise * rng.standard_normal((n, LATENT), dtype=np.float32)
+    c = rng.integers(0, len(centers), n)
+    z = centers[c] + noise * rng.standard_normal((n, LATENT), dtype=np.float32)
     x = z @ lift + 0.02 * rng.standard_normal((n, lift.shape[1]), dtype=np.float32)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return (x, c) if labels else x  # labels: the cluster of each point (benchmarks/scale.py votes on them)
 
 
 def write_data(emb_dir: str, n: int, dim: int, rows_per_part: int, seed: int = 0):
