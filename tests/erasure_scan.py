@@ -82,12 +82,13 @@ def list_files(root: str) -> List[str]:
     return [f"s3://{p}" if storage.is_remote(root) else p for p in sorted(found)]
 
 
-def scan_tree(root: str, needles: Needles, extra_files: Iterable[str] = ()) -> Scan:
-    """Scan every file under `root` (plus `extra_files`, e.g. a local cache) and every Lance dataset in it."""
+def scan_tree(root: str, needles: Needles, extra_files: Iterable[str] = (), skip: Iterable[str] = ()) -> Scan:
+    """Scan every file under `root` (plus `extra_files`, e.g. a local cache; but `skip`, e.g. a file broken on
+    purpose) and every Lance dataset in it."""
     from pipeline import storage
 
     out = Scan()
-    files = list_files(root) + list(extra_files)
+    files = [f for f in list_files(root) + list(extra_files) if f not in set(skip)]
     for url in files:
         out.files.append(url)
         try:
@@ -247,3 +248,50 @@ def lance_storage_options() -> dict:
             "aws_secret_access_key": os.environ.get("AWS_SECRET_ACCESS_KEY", ""),
             "aws_endpoint": os.environ.get("VMEM_S3_ENDPOINT_URL", ""),
             "aws_region": os.environ.get("VMEM_S3_REGION", "us-east-1"), "allow_http": "true"}
+
+
+# ------------------------------------------------------------------------------ a synthetic workdir
+
+N_TARS, PER_TAR, DIM = 12, 30, 16
+
+
+def synthetic_workdir(root, n_tars=N_TARS, per_tar=PER_TAR, seed=5):
+    """Tars of samples (png + json key), one embedding part per tar with its `_manifest.json` entry, and a
+    memory (4 shards) whose items name their tar: the layout `vmem shards/embed/build` writes."""
+    import io
+    import json
+    import tarfile
+
+    from pipeline import storage
+    from pipeline.data.shards import tar_key
+    from pipeline.embed import parts
+    from pipeline.embed.stage import part_name
+    from pipeline.memory.synthetic import build_synthetic_memory, make_clusters
+
+    data = make_clusters(n_tars * per_tar, DIM, 4, seed=seed, prefix="train/img")
+    tars = [storage.join(root, "shards", "train", f"train-{t:05d}.tar") for t in range(n_tars)]
+    part_urls = [storage.join(root, "embeddings", "train", part_name(t)) for t in range(n_tars)]
+    item_tar = [tars[i // per_tar] for i in range(len(data.ids))]
+    manifest = {"shards": {}}
+    for t in range(n_tars):
+        sel = range(t * per_tar, (t + 1) * per_tar)
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w") as tar:
+            for i in sel:
+                k = data.keys[i]
+                for ext, body in (("png", b"\x89PNG" + bytes(200)),
+                                  ("json", json.dumps({"key": k, "label": int(data.labels[i])}).encode())):
+                    info = tarfile.TarInfo(f"{tar_key(k)}.{ext}")
+                    info.size = len(body)
+                    tar.addfile(info, io.BytesIO(body))
+        storage.atomic_write_bytes(tars[t], buf.getvalue())
+        meta = {"id": [int(data.ids[i]) for i in sel], "key": [data.keys[i] for i in sel],
+                "label": [int(data.labels[i]) for i in sel], "label_name": [f"class_{data.labels[i]}" for i in sel],
+                "source": ["synthetic"] * per_tar, "shard": [tars[t]] * per_tar}
+        parts.write_part(parts.to_table(meta, data.xb[list(sel)]), part_urls[t])
+        manifest["shards"][f"train-{t:05d}"] = {"url": tars[t], "part": part_name(t), "status": "done",
+                                                "rows": per_tar}
+    storage.atomic_write_json(storage.join(root, "embeddings", "train", parts.MANIFEST_NAME), manifest)
+    build_synthetic_memory(storage.join(root, "memory"), data, num_shards=4, index_key="IVF8,Flat", nprobe=8,
+                           shards=item_tar, build={"split": "train"})
+    return data, tars, part_urls

@@ -205,12 +205,14 @@ def run_audit(memory_dir: str, cfg=None, ids: Iterable[int] = (), restart: bool 
             storage.atomic_write_bytes(prog_url, lines)  # resumable: the files done so far
     finally:
         bar.close()
-    results = [done[u] for u in files if u in done] + _lance_tables(state, matcher)
+    tables = _lance_tables(state, matcher)
+    results = [done[u] for u in files if u in done] + tables
     traces = {r["file"]: {"ids": r["found"], "how": r["how"]} for r in results if r.get("found")}
     unreadable = {r["file"]: r["unreadable"] for r in results if r.get("unreadable")}
     verdict = "traces found" if traces else ("in doubt: unreadable files" if unreadable else "clean")
     report = {"verdict": verdict, "clean": not traces and not unreadable, "workdir": workdir,
-              "files": sum(1 for r in results if not r.get("gone")),
+              "files": sum(1 for u in files if u in done and not done[u].get("gone")),
+              "table_versions": len(tables),
               "bytes": int(sum(r.get("bytes", 0) for r in results)),
               "ids_checked": {"erased_digests": len(matcher.digests), "explicit_ids": int(len(matcher.ids))},
               "id_values_seen": int(sum(r.get("ids", 0) for r in results)),

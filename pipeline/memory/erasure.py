@@ -370,6 +370,11 @@ def _rewrite_tar(url: str, keys: set, tar_keys: set) -> Tuple[bytes, bool]:
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
         for m in tar.getmembers():
             members.append((m, tar.extractfile(m).read() if m.isfile() else None))
+        end = tar.offset
+    # tarfile stops quietly at a truncation on a block boundary; a whole tar ends with zero blocks. Rewriting
+    # a truncated one would silently make its loss permanent: report it instead.
+    if data[257:262] == b"ustar" and (len(data) - end < 1024 or data[end:].strip(b"\0")):  # uncompressed
+        raise tarfile.ReadError(f"truncated: no end-of-archive marker after {len(members)} member(s)")
     drop = set()
     for m, body in members:
         base, _, ext = m.name.rpartition(".")
@@ -626,9 +631,11 @@ def _structured_ids(url: str, data: bytes) -> List[int]:
 # ------------------------------------------------------------------------------------------- shard folders
 
 def sweep_superseded(memory_dir: str, erased_version: Optional[int] = None) -> List[str]:
-    """Remove shard folders that only manifests older than `erased_version` reference (default: the current
-    version). Readers of those versions had the grace period to finish; folders of newer versions, whose
-    grace period may still run, and of a compaction still writing, are kept. Returns the removed URLs."""
+    """Remove shard files that only manifests older than `erased_version` reference (default: the current
+    version). Readers of those versions had the grace period to finish; files of newer versions, whose grace
+    period may still run, and of a compaction still writing, are kept. Files, not folders: a compaction
+    references the shards it did not touch where they are, so a folder can hold kept and superseded shards.
+    Returns the removed URLs."""
     store = ManifestStore(memory_dir)
     current = store.current_version()
     if current is None:
@@ -636,10 +643,10 @@ def sweep_superseded(memory_dir: str, erased_version: Optional[int] = None) -> L
     upto = current if erased_version is None else min(int(erased_version), current)
     keep, referenced = set(), set()
     for v in store.versions():
-        folders = {e.path.split("/")[1] for e in store.load(v).shards}
-        referenced |= folders
+        files = {rel for e in store.load(v).shards for rel, _ in e.files()}
+        referenced |= files
         if v >= upto:
-            keep |= folders
+            keep |= files
     removed = []
     for sub in storage.listdir(store.url("shards")):
         try:
@@ -650,13 +657,21 @@ def sweep_superseded(memory_dir: str, erased_version: Optional[int] = None) -> L
         # version numbers can go at once; a folder of version current+1 may belong to a running compaction.
         if being_written(memory_dir, sub):
             continue  # a build or compaction that has not committed yet (or a killed one on another host)
-        if sub not in keep and (v < upto or (v <= current and sub not in referenced)):
-            url = storage.join(store.url("shards"), sub)
-            removed += [storage.join(url, n) for n in storage.listdir(url)]
+        url = storage.join(store.url("shards"), sub)
+        names = storage.listdir(url)
+        gone = [n for n in names if f"shards/{sub}/{n}" not in keep and
+                (v < upto or (v <= current and f"shards/{sub}/{n}" not in referenced))]
+        for n in gone:
+            try:
+                storage.remove(storage.join(url, n))
+            except FileNotFoundError:
+                pass  # a compaction that lost its race removed its own files meanwhile
+        removed += [storage.join(url, n) for n in gone]
+        if gone and len(gone) == len(names):
             try:
                 storage.remove(url)
             except FileNotFoundError:
-                pass  # a compaction that lost its race removed its own files meanwhile
+                pass
     for legacy in ("logs", "overlays"):  # the file logs of earlier releases
         url = store.url(legacy)
         if storage.listdir(url):
