@@ -18,7 +18,7 @@ from pipeline.index.build import build_index
 from pipeline.index.build import scan_inputs
 from pipeline.index.manifest import Manifest
 from pipeline.embed.parts import iter_embedding_batches
-from pipeline.memory.state import ITEMS, META_FIELDS, MemoryState, item_rows
+from pipeline.memory.state import ITEM_SCHEMA, ITEMS, META_FIELDS, MemoryState, item_rows
 
 log = logging.getLogger("vmem.memory")
 
@@ -93,18 +93,22 @@ def _part_rows(emb_dir: str, ids: np.ndarray) -> pa.Table:
 
 def import_items(state: MemoryState, emb_dir: str, version: int, exclude: np.ndarray) -> int:
     """Append item-table rows for the embedding rows the table does not hold yet (metadata only: their vectors
-    stay in the parts and the shards). Returns how many rows were added."""
-    held = state[ITEMS].read(["id"]).column("id").to_numpy() if state[ITEMS].exists() else np.zeros(0, np.int64)
-    added = 0
-    for batch in iter_embedding_batches(emb_dir, 1 << 16, columns=["id", *META_FIELDS]):
-        bids = batch.column("id").to_numpy()
-        keep = ~np.isin(bids, held) & ~np.isin(bids, exclude)
-        if not keep.any():
-            continue
-        sub = batch.filter(pa.array(keep))
-        metas = sub.select(list(META_FIELDS)).to_pylist()
-        state.add_items(item_rows(sub.column("id").to_pylist(), metas, indexed=version))
-        added += sub.num_rows
+    stay in the parts and the shards). Returns how many rows were added.
+
+    One anti-join inside Lance (`merge_insert` on id, insert when not matched), fed the parts batch by batch:
+    this process never holds the table's ids, and the rows are committed at once (a rebuild that adds
+    nothing commits nothing but an empty merge)."""
+    exclude = np.asarray(exclude, np.int64)
+
+    def batches():
+        for batch in iter_embedding_batches(emb_dir, 1 << 16, columns=["id", *META_FIELDS]):
+            keep = ~np.isin(batch.column("id").to_numpy(), exclude)
+            if keep.any():
+                sub = batch.filter(pa.array(keep))
+                yield from item_rows(sub.column("id").to_pylist(), sub.select(list(META_FIELDS)).to_pylist(),
+                                     indexed=version).to_batches()
+
+    added = state.import_items(pa.RecordBatchReader.from_batches(ITEM_SCHEMA, batches()))
     if added:
         state[ITEMS].index_ids()
     return added
