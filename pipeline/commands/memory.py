@@ -3,7 +3,6 @@ and of evaluation (eval)."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import math
@@ -16,20 +15,18 @@ from pipeline.errors import UserError
 
 log = logging.getLogger("vmem")
 
-def _open(cfg: Config, auto_compact: bool = True):
-    """The memory of `cfg`. `auto_compact=False` for edits: `_maintain` runs compaction after the edit's
-    result is printed, so that a failing compaction cannot turn a committed edit into a failed command."""
+
+def _open(cfg: Config):
     from pipeline import storage
     from pipeline.memory.memory import VisualMemory
 
     storage.configure(cfg.storage)
-    if not auto_compact:
-        cfg = dataclasses.replace(cfg, memory=dataclasses.replace(cfg.memory, auto_compact=False))
     return VisualMemory.open(cfg.memory_dir, cfg=cfg)
 
 
 def _maintain(cfg: Config, mem) -> None:
-    """Auto-compaction after a committed edit (when due and `memory.auto_compact`).
+    """Auto-compaction after a committed edit (when due and `memory.auto_compact`); the memory's edits never
+    compact themselves (that is maintenance: this helper in the CLI, a background task in `vmem serve`).
 
     The edit is durable and its result printed before this runs, so a failure here is a warning line on
     stderr, never a traceback or a non-zero exit: a client that trusts the exit code must not retry an edit
@@ -125,7 +122,7 @@ def _add_args(p: argparse.ArgumentParser) -> None:
 @command("add", "add labelled images or vectors to the memory (durable, visible to the next query)",
          "vmem add new.png --label 10 --label-name novel --key new-0001", _add_args)
 def cmd_add(cfg: Config, args: argparse.Namespace) -> int:
-    mem = _open(cfg, auto_compact=False)
+    mem = _open(cfg)
     images, vectors = _inputs(args, mem.dim)
     n = len(images) if images else len(vectors)
     what = f"{n} image(s)" if images else f"{n} vector(s) in {args.vectors}"
@@ -156,7 +153,7 @@ def _delete_args(p: argparse.ArgumentParser) -> None:
 @command("delete", "delete items by id, label or source (durable; invisible to the next query)",
          "vmem delete --id 123456789", _delete_args)
 def cmd_delete(cfg: Config, args: argparse.Namespace) -> int:
-    mem = _open(cfg, auto_compact=False)
+    mem = _open(cfg)
     n = mem.delete(ids=args.id, label=args.label, source=args.source)
     print(f"deleted {n} item(s); {mem.stats()['forgotten_pending_erasure']} deleted item(s) wait for "
           f"`vmem compact` to erase them")
