@@ -40,7 +40,7 @@ def _plant(root, erased_id):
 
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_audit_passes_clean_and_finds_a_planted_trace(tmp_path, where, request, ray_session):
-    from pipeline.memory.audit import run_audit
+    from pipeline.memory.audit import run_audit, verify_report
 
     if where == "s3":
         request.getfixturevalue("s3_server")
@@ -50,7 +50,9 @@ def test_audit_passes_clean_and_finds_a_planted_trace(tmp_path, where, request, 
     clean = run_audit(memory_dir, progress=False)
     assert clean["verdict"] == "clean" and not clean["traces"] and not clean["unreadable"]
     assert clean["ids_checked"]["erased_digests"] == len(dead) and clean["files"] > 12 + 12 + 8
-    assert storage.exists(clean["report"]) and storage.read_json(clean["report"])["verdict"] == "clean"
+    stored = storage.read_json(clean["report"])
+    assert stored["verdict"] == "clean" and verify_report(memory_dir, stored)
+    assert not verify_report(memory_dir, {**stored, "verdict": "clean", "files": stored["files"] + 1})
     planted = _plant(root, dead[0])
     found = run_audit(memory_dir, progress=False)
     assert found["verdict"] == "traces found"

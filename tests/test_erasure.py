@@ -95,6 +95,18 @@ def _run_erasure(tmp_path, workdir, extra=()):
     return dead, prepared["tars"], ov
 
 
+def _json_docs(text):
+    """The JSON documents `vmem compact` printed, in order."""
+    import json
+
+    docs, dec, i = [], json.JSONDecoder(), 0
+    while (i := text.find("{", i)) >= 0:
+        doc, end = dec.raw_decode(text, i)
+        docs.append(doc)
+        i = end
+    return docs
+
+
 def _vmem(*argv, env=None, timeout=600):
     env = {**os.environ, "PYTHONPATH": os.getcwd(), **(env or {})}
     return subprocess.run([sys.executable, "-m", "pipeline.cli", *argv], env=env, capture_output=True, text=True,
@@ -390,7 +402,7 @@ def test_a_truncated_file_is_reported_and_does_not_block(tmp_path, bad):
     assert out.returncode == 2, out.stderr[-3000:]
     assert f"erasure in doubt for {broken}" in out.stderr and "restore it" in out.stderr
     assert "Traceback" not in out.stderr
-    report = json.loads(out.stdout[out.stdout.index("{"):out.stdout.rindex("}") + 1].split("\n}\n")[0] + "\n}")
+    report = _json_docs(out.stdout)[0]
     assert report["version"] == 2  # the compaction itself committed
     assert report["erasure"]["in_doubt"] == [broken] and report["erasure"]["verified"] is False
     assert report["erased_ids"] == 2  # the two items of the good tar; the two in the bad file are in doubt

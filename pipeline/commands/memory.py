@@ -178,15 +178,21 @@ def cmd_compact(cfg: Config, args: argparse.Namespace) -> int:
     mem = _open(cfg)
     report = mem.compact(force=args.force)
     print(json.dumps(report, indent=1, default=str) if report else "nothing to compact")
+    runs = [report["erasure"]] if report and isinstance(report.get("erasure"), dict) else []
     grace = float(cfg.memory.grace_period_s)
     if grace > 0 and not args.no_wait:
         print(f"waiting memory.grace_period_s={grace:g} s so readers of the old version finish, then erasing")
         time.sleep(grace)
-    runs = [report["erasure"]] if report and isinstance(report.get("erasure"), dict) else []
-    for r in erasure.erase_due(cfg.memory_dir, mem.state, cfg):
+    # The compaction drained the backlog a moment ago (unless it waited for the grace period): not twice.
+    waited = grace > 0 and not args.no_wait
+    st = erasure.drain(cfg.memory_dir, mem.state, cfg) if waited or not (report and report.get("erasure")) else {}
+    if st.get("status") == "erased":
+        r = st["report"]
         print(json.dumps({"erasure": {k: v for k, v in r.items() if k != "files_checked"},
                           "files_checked": len(r["files_checked"])}, indent=1))
         runs.append(r)
+    elif st.get("status") == "deferred":  # an erasure that cannot run now says why and when it will
+        print(json.dumps({"erasure": erasure.deferred_text(st)}, indent=1))
     return _erasure_exit(runs)
 
 

@@ -15,7 +15,7 @@ erased item exists anywhere to compare with, by design); ids passed with `--ids`
 Resumable: the files done (with their findings) are appended to `memory/audit/progress.jsonl` after each
 batch of tasks, so a killed audit goes on where it stopped (`--restart` starts over). The verdict is written
 atomically to `memory/audit/report-<time>.json`: files, bytes, ids checked, verdict, traces by file, and files
-that could not be read.
+that could not be read, signed (a digest keyed with the memory's secret salt: `verify_report`).
 """
 from __future__ import annotations
 
@@ -218,12 +218,25 @@ def run_audit(memory_dir: str, cfg=None, ids: Iterable[int] = (), restart: bool 
               "id_values_seen": int(sum(r.get("ids", 0) for r in results)),
               "traces": traces, "unreadable": unreadable, "resumed_files": len(files) - len(todo),
               "started_at": t0, "finished_at": time.time(), "seconds": time.time() - t0}
+    report["signature"] = _sign(state.salt(), report)
     url = storage.join(audit_dir(memory_dir), f"report-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-"
                                               f"{time.time_ns() % 10**9:09d}.json")
     storage.atomic_write_json(url, report)
     storage.remove(prog_url)
     report["report"] = url
     return report
+
+
+def _sign(salt: bytes, report: dict) -> str:
+    body = json.dumps({k: v for k, v in report.items() if k not in ("signature", "report")}, sort_keys=True)
+    return hashlib.blake2b(body.encode(), key=salt, digest_size=16).hexdigest()
+
+
+def verify_report(memory_dir: str, report: dict) -> bool:
+    """Whether `report` is unchanged since the audit of this memory signed it (keyed with the memory's salt)."""
+    from pipeline.memory.state import MemoryState
+
+    return report.get("signature") == _sign(MemoryState(memory_dir).salt(), report)
 
 
 def format_report(report: dict, max_lines: int = 20) -> List[str]:

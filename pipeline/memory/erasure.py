@@ -137,18 +137,40 @@ def drain(memory_dir: str, state: MemoryState, cfg=None, now: Optional[float] = 
               "retry_at": float(holder.get("expires", now)), "pending": len(entries)}
         log.warning("erasure %s", deferred_text(st))
         return st
+    out = None
     try:
         # Under the lease, read the backlog again: the previous holder may have consumed entries meanwhile.
-        due = [e for e in backlog(memory_dir) if e["due"] <= now]
-        if not due:
-            return {"status": "idle"}
-        return {"status": "erased", "report": _erase_locked(memory_dir, state, due, cfg, lease)}
+        # Compactions that found the lease held left their ids pending: take them too before letting go
+        # (a few rounds at most, so a stream of compactions cannot keep one eraser forever).
+        for _ in range(3):
+            # later rounds: what arrived meanwhile, not the retries of unreadable files this drain just wrote
+            due = [e for e in backlog(memory_dir) if e["due"] <= now] if out is None else \
+                [e for e in backlog(memory_dir) if e["due"] <= time.time() and "locations" not in e]
+            if not due:
+                break
+            out = _merge(out, _erase_locked(memory_dir, state, due, cfg, lease))
+        return {"status": "erased", "report": out} if out else {"status": "idle"}
     except leases.LeaseLost as e:
         st = {"status": "deferred", "why": str(e), "retry_at": time.time(), "pending": len(due)}
         log.warning("erasure %s", deferred_text(st))
-        return st
+        return {"status": "erased", "report": out} if out else st
     finally:
         lease.release()
+
+
+def _merge(a: Optional[dict], b: dict) -> dict:
+    """One summary for two erasure rounds of one drain."""
+    if a is None:
+        return b
+    out = dict(b)
+    for k in ("ids_checked", "erased_ids", "ids_in_doubt", "pending_consumed", "seconds", "rewritten_or_removed"):
+        out[k] = a[k] + b[k]
+    out["verified"] = a["verified"] and b["verified"]
+    out["found"] = {**a["found"], **b["found"]}
+    out["in_doubt"] = sorted(set(a["in_doubt"]) | set(b["in_doubt"]))
+    out["in_doubt_why"] = {**a["in_doubt_why"], **b["in_doubt_why"]}
+    out["files_checked"] = a["files_checked"] + b["files_checked"]
+    return out
 
 
 def erase_due(memory_dir: str, state: MemoryState, cfg=None, now: Optional[float] = None) -> List[dict]:
