@@ -133,7 +133,7 @@ class Upkeep:
     max_unindexed_rows: int = 2048  # rows outside the scalar index (scanned by every look-up) before it is updated
     max_index_segments: int = 8  # index delta segments before they are merged into one
     max_versions: int = 64
-    retention_s: float = 10.0
+    retention_s: float = 2.0
     check_every: int = 16  # versions a table may advance before a process looks at it again (cheap calls)
 
 
