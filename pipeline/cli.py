@@ -77,7 +77,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         cfg = load_config(args.config, overrides)
     except ConfigError as e:
-        print(f"vmem {cmd.name}: config error: {e}", file=sys.stderr)
+        print(f"vmem {cmd.name}: config error: {_one_line(e)}", file=sys.stderr)
         return 2
     try:
         return int(cmd.run(cfg, args) or 0)
