@@ -59,6 +59,7 @@ def memory(tmp_path_factory):
     inf[0, 0] = np.inf
     np.save(files / "inf.npy", inf)
     (files / "truncated.npy").write_bytes((files / "ok.npy").read_bytes()[:100])
+    (files / "bad.yaml").write_text("memory:\n  k: [1,\n")  # a YAML syntax error spans several lines
     return work, files
 
 
@@ -129,6 +130,8 @@ BAD_ARGS = [  # arguments, exit code, words of the error line
     (["classify", "--vectors", "{ok}", "memory.k=0"], 2, ["memory.k", "> 0"]),
     (["compact", "memory.compact_threshold=1.5"], 2, ["memory.compact_threshold", "(0, 1]"]),
     (["classify", "--vectors", "{ok}", "memory.abstain.min_confidence=2"], 2, ["min_confidence", "[0, 1]"]),
+    (["stats", "--config", "{dir}/bad.yaml"], 2, ["bad.yaml", "line 3"]),
+    (["stats", "--config", "{dir}/missing.yaml"], 2, ["missing.yaml", "not found"]),
 ]
 
 
@@ -136,7 +139,7 @@ BAD_ARGS = [  # arguments, exit code, words of the error line
 def test_bad_arguments_and_config_values_are_one_line_and_change_nothing(memory, args, code, words):
     work, files = memory
     before = fingerprint(work)
-    r = vmem(*[a.format(ok=files / "ok.npy") for a in args], work=work)
+    r = vmem(*[a.format(ok=files / "ok.npy", dir=files) for a in args], work=work)
     assert_refused(r, code, words, before, work)
 
 
