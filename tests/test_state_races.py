@@ -242,3 +242,59 @@ def test_import_items_adds_only_new_rows(tmp_path):
     t = state[ITEMS].read(["id", "indexed"])
     assert t.num_rows == 151 and len(set(t.column("id").to_pylist())) == 151
     assert set(t.filter(pa.compute.equal(t.column("indexed"), 2)).column("id").to_pylist()) == set(range(100, 150))
+
+
+# ------------------------------------------------------------------ the same through the public Python API
+
+def _api_racer(memory_dir, rounds, barrier, out):
+    from pipeline.memory.memory import VisualMemory
+
+    mem = VisualMemory.open(memory_dir)
+    x = np.eye(16, dtype=np.float32)[:1]
+    for r in range(rounds):
+        barrier.wait()
+        try:
+            out.put((r, mem.add(embeddings=x, labels=[1], keys=[f"api-{r}"])[0]))
+        except UserError as e:
+            out.put((r, str(e)))
+    mem.close()
+
+
+def test_visual_memory_add_same_key_from_four_processes(tmp_path):
+    from pipeline.memory.memory import VisualMemory
+    from pipeline.memory.synthetic import build_synthetic_memory, make_clusters
+
+    mem_dir = str(tmp_path / "memory")
+    build_synthetic_memory(mem_dir, make_clusters(300, 16, seed=2), num_shards=2, index_key="IVF4,Flat")
+    rounds, procs = 8, 4
+    ctx = mp.get_context("spawn")
+    barrier, out = ctx.Barrier(procs), ctx.Queue()
+    ps = [ctx.Process(target=_api_racer, args=(mem_dir, rounds, barrier, out)) for _ in range(procs)]
+    for p in ps:
+        p.start()
+    results = [out.get(timeout=300) for _ in range(rounds * procs)]
+    for p in ps:
+        p.join(60)
+    for r in range(rounds):
+        assert sum(1 for rr, res in results if rr == r and not isinstance(res, str)) == 1, r
+    assert all("already in the memory" in res for _, res in results if isinstance(res, str))
+    mem = VisualMemory.open(mem_dir)
+    ids = mem.state[ITEMS].read(["id"]).column("id").to_numpy()
+    assert len(ids) == len(np.unique(ids)) == 300 + rounds
+    mem.close()
+
+
+def test_erasure_removes_old_versions_but_no_history_line(tmp_path):
+    from pipeline.memory.erasure import _erase_tables
+
+    state = MemoryState(str(tmp_path))
+    for i in range(1, 6):
+        _add(state, i)
+    _forget(state, [2, 3])
+    state.set_overlays([{"kind": "item_weight", "target": 4, "weight": 2.0}], op="intervene", detail="1 row")
+    before = [(e["op"], e["at"]) for e in state.edits()]
+    _erase_tables(state, np.array([2, 3], np.int64))
+    assert [(e["op"], e["at"]) for e in state.edits()] == before
+    assert state[ITEMS].version_count() == 1 and state[FORGET].version_count() == 1
+    assert set(state[ITEMS].read(["id"]).column("id").to_pylist()) == {1, 4, 5}
+    assert state.is_forgotten([1, 2, 3]).tolist() == [False, True, True] and not len(state.forgotten_ids())
