@@ -85,7 +85,7 @@ def test_router_equals_single_index_and_returns_metadata(built):
     cfg, m, x, ids = built
     xq = clustered(NQ, DIM, 99)
     ref = single_index(cfg, m, x, ids)
-    with Router(cfg.memory_dir) as router:
+    with Router(cfg.memory_dir, use_ray=True) as router:
         for nprobe in (1, 4):
             res = router.search(xq, 10, nprobe=nprobe)
             faiss.extract_index_ivf(ref).nprobe = nprobe
@@ -101,7 +101,7 @@ def test_router_equals_single_index_and_returns_metadata(built):
 def test_exclude_set_is_applied_inside_faiss_and_keeps_k(built):
     cfg, m, x, ids = built
     xq = clustered(NQ, DIM, 98)
-    with Router(cfg.memory_dir) as router:
+    with Router(cfg.memory_dir, use_ray=True) as router:
         base = router.search(xq, 10, nprobe=8)
         excluded = np.unique(base.I[:, :5])  # the 5 best of every query
         res = router.search(xq, 10, nprobe=8, exclude=ExcludeSet(1, excluded))
@@ -123,7 +123,7 @@ def test_killed_shard_actor_is_recreated_mid_query(built):
 
     cfg, m, x, ids = built
     xq = clustered(NQ, DIM, 97)
-    with Router(cfg.memory_dir) as router:
+    with Router(cfg.memory_dir, use_ray=True) as router:
         before = router.search(xq, 10)
         ray.kill(router.searchers[1])
         after = router.search(xq, 10)

@@ -129,17 +129,17 @@ def test_shard_rerank_file_round_trip_and_searcher(tmp_path):
     res = s.search(xq, 10)
     Dex, Iex = faiss.knn(xq, xb, 10, metric=faiss.METRIC_INNER_PRODUCT)
     plain = s.search(xq, 10, rerank_k=0)
-    hits = np.mean([len(np.intersect1d(a, ids[b])) / 10 for a, b in zip(res["I"], Iex)])
-    hits_plain = np.mean([len(np.intersect1d(a, ids[b])) / 10 for a, b in zip(plain["I"], Iex)])
+    hits = np.mean([len(np.intersect1d(a, ids[b])) / 10 for a, b in zip(res.I, Iex)])
+    hits_plain = np.mean([len(np.intersect1d(a, ids[b])) / 10 for a, b in zip(plain.I, Iex)])
     assert hits > hits_plain + 0.2  # the codes alone are poor; exact re-ranking of their 200 best is better
-    cand = s.search(xq, 200, rerank_k=0)["I"]  # what the codes proposed
+    cand = s.search(xq, 200, rerank_k=0).I  # what the codes proposed
     row_of = {int(i): j for j, i in enumerate(ids)}
     for q in range(len(xq)):  # the re-ranked top 10 = the brute-force top 10 among those candidates
         sims = xb[[row_of[int(i)] for i in cand[q]]] @ xq[q]
-        np.testing.assert_array_equal(res["I"][q], cand[q][np.argsort(-sims, kind="stable")[:10]])
-    top = xb[[row_of[int(i)] for i in res["I"][:, 0]]]
-    np.testing.assert_allclose(res["D"][:, 0], np.einsum("qd,qd->q", xq, top), rtol=1e-5)  # exact scores
-    np.testing.assert_array_equal(res["labels"], res["I"] % 5)
+        np.testing.assert_array_equal(res.I[q], cand[q][np.argsort(-sims, kind="stable")[:10]])
+    top = xb[[row_of[int(i)] for i in res.I[:, 0]]]
+    np.testing.assert_allclose(res.D[:, 0], np.einsum("qd,qd->q", xq, top), rtol=1e-5)  # exact scores
+    np.testing.assert_array_equal(res.labels, res.I % 5)
     corrupt = tmp_path / e.vectors_path
     corrupt.write_bytes(corrupt.read_bytes()[:-8] + b"\0" * 8)
     from pipeline.errors import IntegrityError
@@ -185,7 +185,7 @@ def test_build_with_rerank_records_choice_and_recall_at_vote_depth(reranked):
     assert ManifestStore(cfg.memory_dir).load().rerank_k == m.rerank_k
     xq = x[:40] + 0.01
     _, gt = exact_knn(xq, [(x, ids)], 50)
-    with Router(cfg.memory_dir) as router:  # Ray actors re-rank with the manifest's depth
+    with Router(cfg.memory_dir, use_ray=True) as router:  # Ray actors re-rank with the manifest's depth
         res = router.search(xq, 50)
         assert recall_at(res.I, gt, 50) >= 0.98
         plain = router.search(xq, 50, rerank_k=0)

@@ -24,7 +24,7 @@ import io
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import faiss
 import numpy as np
@@ -206,21 +206,25 @@ def read_shard_vectors(memory_dir: str, entry: ShardEntry, drop_ids: Optional[np
 
 def lookup_meta(meta: pa.Table, meta_ids: np.ndarray, I: np.ndarray) -> Dict[str, np.ndarray]:
     """Metadata arrays shaped like I for the ids in I (-1 or unknown -> label -1, empty strings)."""
+    return held_meta(meta, meta_ids, I)[1]
+
+
+def held_meta(meta: pa.Table, meta_ids: np.ndarray, I: np.ndarray) -> Tuple[np.ndarray, Dict[str, np.ndarray]]:
+    """(held, metadata): which ids of I this metadata table holds (`meta_ids` sorted), and the `Neighbors`
+    metadata arrays shaped like I (fills where not held). One `take` of only the held rows: a search needs a
+    few rows of a table that may hold millions."""
     flat = I.reshape(-1)
-    pos = np.searchsorted(meta_ids, flat)
-    pos = np.clip(pos, 0, max(len(meta_ids) - 1, 0))
-    found = (flat >= 0) & (len(meta_ids) > 0)
-    if len(meta_ids):
-        found &= meta_ids[pos] == flat
-    take = pa.array(np.where(found, pos, 0))
-    out = {}
-    for f in HIT_FIELDS:
-        if len(meta_ids) == 0:
-            vals = np.full(flat.shape, f.fill, dtype=f.dtype)
-        else:
-            vals = np.where(found, meta.column(f.name).take(take).to_numpy(zero_copy_only=False), f.fill)
-        out[f.hit_name] = vals.astype(f.dtype).reshape(I.shape)
-    return out
+    out = {f.hit_name: np.full(flat.shape, f.fill, dtype=f.dtype) for f in HIT_FIELDS}
+    if not len(meta_ids):
+        return np.zeros(I.shape, bool), {n: a.reshape(I.shape) for n, a in out.items()}
+    pos = np.clip(np.searchsorted(meta_ids, flat), 0, len(meta_ids) - 1)
+    held = (flat >= 0) & (meta_ids[pos] == flat)
+    rows = np.flatnonzero(held)
+    if len(rows):
+        t = meta.take(pa.array(pos[rows]))
+        for f in HIT_FIELDS:
+            out[f.hit_name][rows] = t.column(f.name).to_numpy(zero_copy_only=False)
+    return held.reshape(I.shape), {n: a.reshape(I.shape) for n, a in out.items()}
 
 
 class ShardSearcher:
@@ -237,7 +241,8 @@ class ShardSearcher:
         if omp_threads:
             faiss.omp_set_num_threads(int(omp_threads))
         self.index = read_index(storage.join(memory_dir, e.path), e.sha256 if verify else None, mmap=mmap)
-        self.meta = read_meta(storage.join(memory_dir, e.meta_path), e.meta_sha256 if verify else None)
+        # One chunk per column: a search takes a few rows of it, and `take` over many chunks costs ~100 us.
+        self.meta = read_meta(storage.join(memory_dir, e.meta_path), e.meta_sha256 if verify else None).combine_chunks()
         self.meta_ids = self.meta.column("id").to_numpy()
         self.vectors = None
         if e.vectors_path:
@@ -273,28 +278,76 @@ class ShardSearcher:
             self._excl_version = exclude.version
         return self._excl[2]
 
+    @property
+    def ivf(self) -> Optional[faiss.IndexIVF]:
+        """The index as a plain IVF index (its coarse quantizer shared by every shard), else None (a
+        pre-transform such as OPQ, HNSW, a GPU index)."""
+        if not hasattr(self, "_ivf"):
+            idx = faiss.downcast_index(self.index)
+            self._ivf = idx if isinstance(idx, faiss.IndexIVF) else None
+        return self._ivf
+
     def search(self, xq: np.ndarray, k: int, nprobe: Optional[int] = None,
-               exclude: Optional[ExcludeSet] = None, rerank_k: Optional[int] = None) -> Neighbors:
+               exclude: Optional[ExcludeSet] = None, rerank_k: Optional[int] = None,
+               assign: Optional[Tuple[np.ndarray, np.ndarray]] = None) -> Neighbors:
         """Top-k of this shard: scores, external ids (-1 pad) and the hits' metadata, as `Neighbors`.
 
         `rerank_k` (default: the searcher's) > 0 on a shard with a re-rank file: the codes propose
         max(k, rerank_k) candidates and the exact top-k among them is returned, with exact scores.
+        `assign` = (lists, distances) of `coarse_assign`: the probed lists, computed once for all shards
+        (they share the trained quantizer), so each shard only scans its own part of them.
         """
+        D, I = self.search_ids(xq, k, nprobe, exclude, rerank_k, assign)
+        return Neighbors(D, I, **self.metadata(I)[1])
+
+    def search_ids(self, xq: np.ndarray, k: int, nprobe: Optional[int] = None,
+                   exclude: Optional[ExcludeSet] = None, rerank_k: Optional[int] = None,
+                   assign: Optional[Tuple[np.ndarray, np.ndarray]] = None) -> Tuple[np.ndarray, np.ndarray]:
+        """`search` without the metadata: (D, I) only (a router in this process gathers the metadata once,
+        for the merged top-k)."""
         xq = np.ascontiguousarray(xq, dtype=np.float32)
         params = faiss.SearchParametersIVF(nprobe=int(nprobe or self.nprobe))
         sel = self._selector(exclude)
         if sel is not None:
             params.sel = sel
         depth = int(self.rerank_k if rerank_k is None else rerank_k) if self.vectors is not None else 0
-        D, I = self.index.search(xq, max(int(k), depth), params=params)
+        width = max(int(k), depth)
+        if assign is not None and self.ivf is not None:
+            D, I = search_preassigned(self.ivf, xq, width, assign, params)
+        else:
+            D, I = self.index.search(xq, width, params=params)
         if depth > 0:
             D, I = rerank(xq, I, self.meta_ids, self.vectors, int(k), self.metric)
-        return Neighbors(D, I, **lookup_meta(self.meta, self.meta_ids, I))
+        return D, I
+
+    def metadata(self, I: np.ndarray) -> Tuple[np.ndarray, Dict[str, np.ndarray]]:
+        """(held, metadata) for the ids of `I` this shard holds: see `held_meta`."""
+        return held_meta(self.meta, self.meta_ids, I)
 
     def lookup(self, ids: Sequence[int]) -> Dict[str, np.ndarray]:
         """Metadata of `ids` held by this shard (label -1 / empty strings for ids it does not hold)."""
         I = np.asarray(ids, dtype=np.int64).reshape(1, -1)
         return {k: v[0] for k, v in lookup_meta(self.meta, self.meta_ids, I).items()}
+
+
+def coarse_assign(ivf: faiss.IndexIVF, xq: np.ndarray, nprobe: int) -> Tuple[np.ndarray, np.ndarray]:
+    """The `nprobe` nearest inverted lists of each query (ids, distances) under an IVF index's quantizer."""
+    Dq, Iq = ivf.quantizer.search(np.ascontiguousarray(xq, dtype=np.float32), int(nprobe))
+    return Iq, Dq
+
+
+def search_preassigned(ivf: faiss.IndexIVF, xq: np.ndarray, k: int, assign: Tuple[np.ndarray, np.ndarray],
+                       params: faiss.SearchParametersIVF) -> Tuple[np.ndarray, np.ndarray]:
+    """`ivf.search` with the probed lists given (`coarse_assign`), honouring `params` (nprobe, selector).
+
+    Calls the C++ method directly: faiss's Python wrapper of it refuses search parameters."""
+    Iq, Dq = (np.ascontiguousarray(a) for a in assign)
+    n = xq.shape[0]
+    D = np.empty((n, k), np.float32)
+    I = np.empty((n, k), np.int64)
+    ivf.search_preassigned_c(n, faiss.swig_ptr(xq), k, faiss.swig_ptr(Iq), faiss.swig_ptr(Dq), faiss.swig_ptr(D),
+                             faiss.swig_ptr(I), False, params)
+    return D, I
 
 
 def index_ids(index: faiss.Index) -> np.ndarray:
