@@ -355,7 +355,7 @@ def run_step(step: str, workdir: str, n: int, args) -> dict:
             r.update(json.loads(r["stdout"].strip().splitlines()[-1]))
         return r
     if step == "build":
-        return run_measured([VMEM, "build", *ov], timeout)
+        return {**run_measured([VMEM, "build", *ov], timeout), **manifest_figures(workdir)}
     if step == "compact":
         return run_measured([VMEM, "compact", *ov], timeout)
     if step == "audit":
@@ -388,6 +388,22 @@ def run_step(step: str, workdir: str, n: int, args) -> dict:
         r["status"] = "ok" if state["up"] else r["status"] if r["status"] != "ok" else "never answered /healthz"
         return r
     raise ValueError(step)
+
+
+def manifest_figures(workdir: str) -> dict:
+    """What the build chose and measured, from the newest manifest (the workdir is removed after the run)."""
+    import glob
+
+    paths = sorted(glob.glob(os.path.join(workdir, "memory", "manifests", "v*.json")))
+    if not paths:
+        return {}
+    with open(paths[-1]) as f:
+        m = json.load(f)
+    b = m.get("build", {})
+    return {"index_key": m.get("index_key"), "nprobe": m.get("nprobe"), "rerank_k": m.get("rerank_k"),
+            "build_recall@10": b.get("recall"), "index_bytes_per_item": round(b.get("bytes_per_item", 0), 1),
+            "trainer": b.get("trainer"),
+            "build_timings": {k: round(v, 1) for k, v in b.get("timings", {}).items()}}
 
 
 def load(path: str) -> dict:
@@ -446,6 +462,16 @@ def rows(data: dict) -> List[dict]:
                                   if p and p.get("wall_s") and row["wall_s"] else None)
             row["driver_rss_growth"] = (round(row["driver_rss_mb"] / p["driver_rss_mb"], 2)
                                         if p and p.get("driver_rss_mb") and row["driver_rss_mb"] else None)
+            if step == "serve":  # the processes a deployment sizes: ingress and shard replicas
+                for role, key in (("ray::ServeReplica:vmem:ingress", "ingress_rss_mb"),
+                                  ("ray::ServeReplica:vmem:shard", "shard_replica_rss_mb")):
+                    vals = [v for k, v in rss.items() if k.startswith(role)]
+                    if vals:
+                        row["figures"][key] = round(max(vals) / 2 ** 20)
+            if step == "build":
+                row["populate_task_rss_mb"] = round(rss.get("ray::populate_shard", 0) / 2 ** 20) or None
+                if row["populate_task_rss_mb"]:
+                    row["figures"]["populate_task_rss_mb"] = row["populate_task_rss_mb"]
             prev[step] = row
             out.append(row)
     return out
@@ -544,6 +570,7 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=4 * 3600, help="seconds one step may run (then: timeout)")
     ap.add_argument("--bytes-per-item", type=int, default=48, help="autofaiss index memory budget per item")
     ap.add_argument("--keep", action="store_true", help="keep each size's workdir (default: removed when done)")
+    ap.add_argument("--report", action="store_true", help="only rewrite the CSV, plot and table from --results")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the `finally`s that stop a running step
@@ -557,6 +584,9 @@ def main() -> int:
 
     os.makedirs(args.workdir, exist_ok=True)
     data = load(args.results)
+    if args.report:
+        write_reports(data, args.results, args.markdown)
+        return 0
     data.update({"dim": args.dim, "bytes_per_item": args.bytes_per_item, "machine": machine()})
     skip = {s for s in args.skip.split(",") if s}
     for n in [parse_count(s) for s in args.items.split(",")]:
