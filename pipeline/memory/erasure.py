@@ -339,6 +339,10 @@ def _erase_locked(memory_dir: str, state: MemoryState, entries: List[dict], cfg,
         if len(ids):
             _erase_tables(state, ids)
         found, tables_checked = _verify_tables(state, ids)
+        leftovers, lance_files, live_txns = _remove_leftovers(state, ids)
+        changed += leftovers
+        tables_checked += lance_files
+        found.update(live_txns)
         if not found:
             break
         log.info("erasure of v%s: traces left by concurrent writers (%s), erasing again", version, found)
@@ -459,6 +463,56 @@ def _erase_tables(state: MemoryState, ids: np.ndarray) -> None:
         retry(lambda: table.dataset().update_config({"vmem.erased_at": str(time.time())}))
         # ... which this removes with every file only they reference.
         retry(lambda: table.dataset().cleanup_old_versions(older_than=timedelta(seconds=0)))
+
+
+def _remove_leftovers(state: MemoryState, ids: np.ndarray) -> Tuple[List[str], List[str], Dict[str, int]]:
+    """Remove the files of a state table that no version still on disk references and that hold an erased id
+    (data and index files of a concurrent transaction that lost to the erasure's commits, which Lance leaves
+    for a later garbage collection; transaction files of commits that failed, naming ids in their predicates).
+    Safe beside writers: a transaction that read the rows before the erasure deleted them conflicts with the
+    erasure's rewrite and can never commit those files. Returns (removed, checked, found): `found` names the
+    transaction files of versions still on disk that name an erased id (a commit that landed after the
+    erasure's cleanup; the caller erases the tables again, which makes that version an old one)."""
+    removed, checked, found = [], [], {}
+    needles = Needles(ids)
+    if not len(needles.raw_ids):
+        return removed, checked, found
+    for name in SCHEMAS:
+        ds = state[name].dataset()
+        if ds is None:
+            continue
+        referenced, txns = set(), set()
+        for v in ds.versions():
+            try:
+                old = ds.checkout_version(v["version"])
+                referenced |= {f"data/{d.path}" for fr in old.get_fragments() for d in fr.data_files()}
+                referenced |= {f"_indices/{i['uuid']}" for i in old.list_indices()}
+                t = ds.read_transaction(v["version"])
+                if t is not None:
+                    txns.add(t.uuid)
+            except (OSError, ValueError):
+                continue  # removed meanwhile by a concurrent cleanup
+        root = state[name].url
+        for url in _files(root):
+            rel = url[len(root):].lstrip("/")
+            top = "/".join(rel.split("/")[:2])
+            if not (rel.startswith("_transactions/") or (rel.startswith(("data/", "_indices/")) and
+                                                         rel not in referenced and top not in referenced)):
+                continue
+            try:
+                data = storage.read_bytes(url)
+            except FileNotFoundError:
+                continue
+            checked.append(url)
+            hit = _raw_hits(data, needles.raw_ids, needles.decimal, needles.lengths)
+            if not hit.any():
+                continue
+            if rel.startswith("_transactions/") and rel.split("/")[-1].partition("-")[2][:-4] in txns:
+                found[url] = int(hit.sum())  # a live version's own transaction: erased again by the caller
+                continue
+            storage.remove(url)
+            removed.append(url)
+    return removed, checked, found
 
 
 # ------------------------------------------------------------------------------------------- verification
