@@ -110,7 +110,7 @@ class VisualMemory:
                nprobe: Optional[int] = None) -> Neighbors:
         """The k nearest live items of each query (see `Snapshot.search`)."""
         xq = self.embed(images, embeddings)
-        return self.snapshot().search(xq, int(k or self.cfg.memory.k), nprobe=nprobe)
+        return self.snapshot().search(xq, int(self.cfg.memory.k if k is None else k), nprobe=nprobe)
 
     def classify(self, images=None, embeddings=None, k: Optional[int] = None, method: Optional[str] = None,
                  nprobe: Optional[int] = None, **params) -> List[Prediction]:
@@ -156,6 +156,8 @@ class VisualMemory:
         A key that is live already, or was ever deleted (the forget list is final), is refused."""
         xb = self.embed(images, embeddings)
         n = xb.shape[0]
+        if n == 0:
+            raise UserError("add got no items (an empty batch of vectors or images)")
         labels, keys = [int(l) for l in labels], [str(k) for k in keys]
         if len(labels) != n or len(keys) != n:
             raise UserError(f"add got {n} item(s) but {len(labels)} label(s) and {len(keys)} key(s)")

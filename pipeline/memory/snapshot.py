@@ -106,7 +106,9 @@ class Snapshot:
     def classify(self, xq: np.ndarray, images: Optional[List] = None, k: Optional[int] = None,
                  method: Optional[str] = None, nprobe: Optional[int] = None, **params) -> List[Prediction]:
         """search -> rerank (when configured) -> predict, for unit vectors `xq` (and their images, if any)."""
-        k = int(k or self.cfg.memory.k)
+        k = int(self.cfg.memory.k if k is None else k)
+        if k <= 0:
+            raise UserError(f"k must be > 0, got {k}")
         nb = self.search(xq, self.candidates(k), nprobe=nprobe)
         return self.predict(self.rerank(nb, xq, images, k), method, **params)
 
