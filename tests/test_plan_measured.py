@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from pipeline.errors import UserError
-from pipeline.index.plan import fit, load_measured, measured_costs, plan_memory
+from pipeline.index.plan import fit, load_measured, measured_costs, plan_memory, power_fit
 
 
 def _results(tmp_path, sizes):
@@ -35,6 +35,13 @@ def test_fit_is_exact_on_lines_and_never_negative():
         assert fa >= 0 and fb >= 0 and fa + fb * pts[-1][0] == pytest.approx(pts[-1][1])  # through the largest
 
 
+def test_power_fit_recovers_exponents():
+    for a in (0.0, 0.25, 0.5, 1.0):
+        c, got = power_fit([(10 ** 5, 3.0 * 1e5 ** a), (10 ** 6, 3.0 * 1e6 ** a)])
+        assert got == pytest.approx(a) and c == pytest.approx(3.0)
+    assert power_fit([(10, 5.0), (100, 1.0)])[1] == 0.0  # a shrinking latency is not extrapolated downwards
+
+
 def test_measured_rows_say_measured_or_extrapolated(tmp_path):
     path = _results(tmp_path, {100_000: (100.0, 1 << 30), 1_000_000: (1000.0, 2 << 30)})
     data = load_measured(path)
@@ -43,17 +50,26 @@ def test_measured_rows_say_measured_or_extrapolated(tmp_path):
     assert "compact + erase 1,000 deletes + 1,000 adds" not in at  # a timed-out step is no figure
     big = {r["figure"]: r for r in measured_costs(data, 10 ** 9, nodes=10, cores_per_node=20)["rows"]}
     build = big["build (vmem build)"]
-    assert build["basis"].startswith("extrapolated x1,000 from 100k, 1M")
+    assert build["basis"].startswith("extrapolated x1,000 beyond the largest size measured (1M)")
     assert build["value"] == pytest.approx(1e-3 * 1e9 * 2 / 200)  # per-item work over 10 x 20 cores
     rss = big["build driver RSS"]  # one process: not spread over the cluster
     assert rss["value"] == pytest.approx((1 << 30) + (1 << 30) / 900_000 * (1e9 - 100_000))
+    assert big["query p50, in-process search"]["value"] == pytest.approx(2.0)  # flat latency stays flat (power 0)
+    assert big["disk per item (parts + memory)"]["value"] == 3000.0
+
+
+def test_one_size_is_shown_as_measured_never_extrapolated(tmp_path):
+    data = load_measured(_results(tmp_path, {100_000: (100.0, 1 << 30)}))
+    for r in measured_costs(data, 10 ** 9, nodes=4)["rows"]:
+        assert r["value"] == r["measured"][-1][1]
+        assert r["basis"].startswith("measured"), r
 
 
 def test_plan_prints_measured_section_and_refuses_bad_files(tmp_path):
     path = _results(tmp_path, {100_000: (100.0, 1 << 30), 1_000_000: (1000.0, 2 << 30)})
     p = plan_memory("1e9", 384, "256GiB", measured=path, n_nodes=4, cores_per_node=16)
     text = p.table()
-    assert "measured by benchmarks/scale.py" in text and "extrapolated x1,000" in text
+    assert "measured by benchmarks/scale.py" in text and "extrapolated x1,000 beyond" in text
     assert p.measured["nodes"] == max(4, p.nodes)
     assert plan_memory("1e6", 384, "16GiB", measured=str(tmp_path / "absent.json")).measured is None
     bad = tmp_path / "bad.json"

@@ -136,23 +136,27 @@ def plan_memory(items, dim: int, ram_per_node, index_key: Optional[str] = None, 
 
 # ---------------------------------------------------------------- measured figures (benchmarks/scale.py)
 
-# (figure, step, what, unit, spread): `what` picks the value out of a step's record; spread = the per-item work
-# runs on every core of the cluster (Ray tasks over shards), so it divides by nodes x cores / measured cores.
-FIGURES: List[Tuple[str, str, str, str, bool]] = [
-    ("build (vmem build)", "build", "wall_s", "s", True),
-    ("build driver RSS", "build", "rss:driver", "B", False),
-    ("populate task RSS (largest)", "build", "rss:ray::populate_shard", "B", False),
-    ("fresh open + first query", "open", "open_first_query_s", "s", False),
-    ("query p50, in-process search", "query", "query_p50_ms", "ms", False),
-    ("query process RSS (index in-process)", "query", "rss:driver", "B", False),
-    ("single add p50", "add", "add_p50_ms", "ms", False),
-    ("single delete p50", "delete", "delete_p50_ms", "ms", False),
-    ("compact + erase 1,000 deletes + 1,000 adds", "compact", "wall_s", "s", True),
-    ("compaction driver RSS", "compact", "rss:driver", "B", False),
-    ("eval of 10k queries", "eval", "wall_s", "s", False),
-    ("serve: ingress replica RSS", "serve", "rss:ray::ServeReplica:vmem:ingress", "B", False),
-    ("serve: shard replica RSS (largest)", "serve", "rss:ray::ServeReplica:vmem:shard", "B", False),
-    ("disk per item (parts + memory)", "build", "disk_bytes_per_item", "B/item", False),
+# (figure, step, what, unit, model, spread). model: "linear" = fixed + per_item * items (times and RSS of work
+# that reads every item); "power" = c * items^a (latencies, which should grow slower than the memory: a straight
+# line would claim more than was measured); "per_item" = already a per-item figure (the largest size's).
+# spread: the per-item work runs as Ray tasks on every core of the cluster, so it divides by nodes x cores /
+# the cores measured on.
+FIGURES: List[Tuple[str, str, str, str, str, bool]] = [
+    ("build (vmem build)", "build", "wall_s", "s", "linear", True),
+    ("build driver RSS", "build", "rss:driver", "B", "linear", False),
+    ("populate task RSS (largest)", "build", "rss:ray::populate_shard", "B", "linear", False),
+    ("fresh open + first query", "open", "open_first_query_s", "s", "power", False),
+    ("query p50, in-process search", "query", "query_p50_ms", "ms", "power", False),
+    ("query process RSS (index in-process)", "query", "rss:driver", "B", "linear", False),
+    ("single add p50", "add", "add_p50_ms", "ms", "power", False),
+    ("single delete p50", "delete", "delete_p50_ms", "ms", "power", False),
+    ("compact + erase 1,000 deletes + 1,000 adds", "compact", "wall_s", "s", "linear", False),
+    ("compaction driver RSS", "compact", "rss:driver", "B", "linear", False),
+    ("audit (whole workdir, Ray tasks)", "audit", "wall_s", "s", "linear", True),
+    ("eval of 10k queries", "eval", "wall_s", "s", "power", False),
+    ("serve: ingress replica RSS", "serve", "rss:ray::ServeReplica:vmem:ingress", "B", "linear", False),
+    ("serve: shard replica RSS (largest)", "serve", "rss:ray::ServeReplica:vmem:shard", "B", "linear", False),
+    ("disk per item (parts + memory)", "build", "disk_bytes_per_item", "B/item", "per_item", False),
 ]
 
 
@@ -207,26 +211,46 @@ def fit(points: List[Tuple[int, float]]) -> Tuple[float, float]:
     return a, b
 
 
+def power_fit(points: List[Tuple[int, float]]) -> Tuple[float, float]:
+    """(c, a) of c * items^a through the two largest sizes (a clipped to [0, 1]: no faster than linear)."""
+    (n1, v1), (n2, v2) = points[-2], points[-1]
+    a = min(1.0, max(0.0, math.log(v2 / v1) / math.log(n2 / n1))) if v1 > 0 and v2 > 0 else 0.0
+    return v2 / n2 ** a, a
+
+
 def measured_costs(data: dict, items: int, nodes: int = 1, cores_per_node: int = 32) -> dict:
-    """Each measured figure at `items` on `nodes` x `cores_per_node`: value, per-item slope, basis."""
+    """Each measured figure at `items` on `nodes` x `cores_per_node`: value, how it was got (basis), the sizes.
+
+    Measured: the plan's size was run (and, for spread work, on as many cores). One size measured: that value,
+    not extrapolated (no growth is known). Else the figure's model through the two largest sizes."""
     m = data.get("machine", {})
     cores_measured = int(m.get("host_cpus") or 2)
     rows: List[Dict] = []
-    for name, step, what, unit, spread in FIGURES:
+    for name, step, what, unit, model, spread in FIGURES:
         pts = _series(data, step, what)
         if not pts:
             continue
-        fixed, per_item = fit(pts)
         scale = cores_measured / (nodes * cores_per_node) if spread else 1.0
-        value = fixed + per_item * items * scale
         exact = [v for n, v in pts if n == items]
-        if exact and (not spread or scale == 1.0):
+        growth = pts[-1][1] / pts[-2][1] if len(pts) > 1 and pts[-2][1] else None
+        fixed = per_item = None
+        span = f"x{items / pts[-1][0]:,.0f} beyond the largest size measured ({_count(pts[-1][0])})"
+        if exact and scale == 1.0:
             value, basis = exact[0], "measured"
+        elif model == "per_item":
+            value, basis = pts[-1][1], f"measured per item at {_count(pts[-1][0])}"
+        elif len(pts) == 1:
+            value, basis = pts[0][1], f"measured at {_count(pts[0][0])} only: growth unknown, not extrapolated"
+        elif model == "power":
+            c, a = power_fit(pts)
+            value = c * items ** a
+            basis = f"extrapolated {span}: items^{a:.2f} through {_count(pts[-2][0])}, {_count(pts[-1][0])}"
         else:
-            basis = (f"extrapolated x{items / pts[-1][0]:,.0f} from " + ", ".join(_count(n) for n, _ in pts[-2:])
+            fixed, per_item = fit(pts)
+            value = fixed + per_item * items * scale
+            basis = (f"extrapolated {span}: fixed + per item through {_count(pts[-2][0])}, {_count(pts[-1][0])}"
                      + (f"; per-item work over {nodes} x {cores_per_node} cores (measured on {cores_measured})"
                         if spread else ""))
-        growth = pts[-1][1] / pts[-2][1] if len(pts) > 1 and pts[-2][1] else None
         rows.append({"figure": name, "unit": unit, "value": value, "fixed": fixed, "per_item": per_item,
                      "measured": [[n, v] for n, v in pts], "growth_last": growth, "basis": basis})
     return {"source": data.get("path"), "machine": m, "date": data.get("updated"), "dim": data.get("dim"),
