@@ -1,4 +1,4 @@
-"""The memory on a real S3 API server (moto): logs are one object per append; compaction commits on S3."""
+"""The memory on a real S3 API server (moto): edits are Lance commits on S3; compaction commits a manifest there."""
 
 from pipeline.memory.memory import VisualMemory
 from pipeline.memory.synthetic import build_synthetic_memory, make_clusters
@@ -12,7 +12,7 @@ def test_add_delete_compact_on_s3(s3_server):
     new = make_clusters(3, 32, centres=data.centres, seed=22, prefix="s3new")
     ids = mem.add(embeddings=new.xb, labels=[7, 7, 7], keys=new.keys, label_names=["seven"] * 3)
     mem.delete(ids=[int(data.ids[0])])
-    again = VisualMemory.open(url)  # replays the logs from S3
+    again = VisualMemory.open(url)  # reads the state tables from S3
     assert again.stats()["delta_items"] == 3 and again.stats()["tombstones"] == 1
     nb = again.search(embeddings=data.xb[:1], k=5)
     assert int(data.ids[0]) not in nb.I[0]

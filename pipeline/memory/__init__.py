@@ -1,5 +1,5 @@
-"""The memory layer: votes, VisualMemory (classify/search/explain/add/delete), tombstones, delta, compaction,
-pruning, interventions. `from pipeline.memory import VisualMemory` is the entry point (imported lazily)."""
+"""The memory layer: votes, VisualMemory (classify/search/explain/add/delete), snapshots, the forget list, delta,
+compaction, erasure, pruning, interventions. `from pipeline.memory import VisualMemory` is the entry point (imported lazily)."""
 
 
 def __getattr__(name):

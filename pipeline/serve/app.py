@@ -1,6 +1,7 @@
 """The Serve application entry points.
 
-- `build_app(cfg)`: the application (shard deployments + router + FastAPI ingress) for a loaded Config.
+- `build_app(cfg)`: the application (FastAPI ingress replicas, plus one deployment per shard for large memories)
+  for a loaded Config.
 - `app_builder(args)`: the typed builder that `serve run` and a KubeRay RayService import
   (`import_path: pipeline.serve.app:app_builder`, `args: {config: configs/x.yaml, overrides: [k=v, ...]}`).
 """

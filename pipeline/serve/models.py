@@ -46,7 +46,7 @@ class Body(BaseModel):
 
 
 class VoteParams(Body):
-    """Parameters of the vote methods (see `vmem methods`); unset ones come from the config."""
+    """Parameters of the vote methods (`pipeline/memory/votes.py`); unset ones come from the config."""
     xi: Optional[float] = Field(None, ge=0, le=100, description="distance method: exp(-d)^xi")
     tau: Optional[float] = Field(None, gt=0, le=100, description="softmax temperature")
     alpha: Optional[float] = Field(None, gt=0, le=1e6, description="rank method: 1/(alpha+i)")
