@@ -29,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline import storage
+from pipeline.errors import NotFound
 from pipeline.index import train as itrain
 from pipeline.index.manifest import CommitConflict, ShardEntry, version_name
 from pipeline.data.items import ITEM_FIELDS, META_COLUMNS
@@ -62,8 +63,7 @@ def compact(state: MemoryState, snap: Snapshot, force: bool = False,
     d_ids, d_xb = d_ids[keep], d_xb[keep]
     if not force and not len(dead) and not len(d_ids):
         log.info("compaction: nothing to fold (no delta, no deletions)")
-        _erase_now(memory_dir, state, cfg)  # the backlog that is due, if any
-        return None
+        return _not_committed(memory_dir, state, cfg, snap.base.manifest.version)  # the backlog that is due
     d_meta = _item_meta(state, d_ids)
     store, m = base.store, base.manifest
     t0 = time.perf_counter()
@@ -79,40 +79,52 @@ def compact(state: MemoryState, snap: Snapshot, force: bool = False,
     dead_shards = set(itrain.shard_of(dead, m.num_shards).tolist()) if len(dead) else set()
     folded = np.zeros(0, np.int64)  # delta ids a shard already holds (a compaction that died before marking)
     with phase(f"compaction of {memory_dir} v{m.version} -> v{new_version}"):
-        for s in m.shards:
-            if not force and s.shard not in dead_shards and not (route == s.shard).any():
-                entries.append(s)
-                continue
-            meta = read_meta(store.url(s.meta_path), s.meta_sha256).select(list(META_COLUMNS))
-            ids = meta.column("id").to_numpy()
-            gone = np.isin(ids, dead)
-            mine = route == s.shard
-            if not force:  # folded already (same id, same vector): mark it, never remove and re-add it
-                held = mine & np.isin(d_ids, ids)
-                folded = np.union1d(folded, d_ids[held])
-                mine &= ~held
-            if not gone.any() and not mine.any() and not force:
-                entries.append(s)  # untouched: v+1 references the same files
-                continue
-            index = read_index(store.url(s.path), s.sha256, mmap=False)  # RAM copy: we modify it
-            drop = np.ascontiguousarray(np.union1d(ids[gone], d_ids[mine]), dtype=np.int64)
-            if len(drop):
-                removed_total += int(index.remove_ids(faiss.IDSelectorBatch(len(drop), faiss.swig_ptr(drop))))
-            keep_meta = ~np.isin(ids, drop)
-            parts = [meta.filter(pa.array(keep_meta))]
-            # The re-rank file travels with its rows: kept rows (sorted by id, like the kept meta), then adds.
-            old = read_shard_vectors(memory_dir, s, drop_ids=drop)
-            vecs = None if old is None else [old[1]]
-            if mine.any():
-                itrain.add_vectors(index, d_xb[mine], d_ids[mine])  # encoded with the shared trained quantizer
-                added_total += int(mine.sum())
-                parts.append(_meta_table(d_ids[mine], d_meta, parts[0].schema))
-                if vecs is not None:
-                    vecs.append(d_xb[mine])
-            dtype = open_vectors(store.url(s.vectors_path)).dtype.name if old is not None else "float32"
-            entries.append(save_shard(memory_dir, new_version, s.shard, index, pa.concat_tables(parts), tag=tag,
-                                      vectors=None if vecs is None else np.concatenate(vecs), rerank_dtype=dtype))
-            hang_point(memory_dir, "shard")
+        try:
+            for s in m.shards:
+                if not force and s.shard not in dead_shards and not (route == s.shard).any():
+                    entries.append(s)
+                    continue
+                meta = read_meta(store.url(s.meta_path), s.meta_sha256).select(list(META_COLUMNS))
+                ids = meta.column("id").to_numpy()
+                gone = np.isin(ids, dead)
+                mine = route == s.shard
+                if not force:  # folded already (same id, same vector): mark it, never remove and re-add it
+                    held = mine & np.isin(d_ids, ids)
+                    folded = np.union1d(folded, d_ids[held])
+                    mine &= ~held
+                if not gone.any() and not mine.any() and not force:
+                    entries.append(s)  # untouched: v+1 references the same files
+                    continue
+                index = read_index(store.url(s.path), s.sha256, mmap=False)  # RAM copy: we modify it
+                drop = np.ascontiguousarray(np.union1d(ids[gone], d_ids[mine]), dtype=np.int64)
+                if len(drop):
+                    removed_total += int(index.remove_ids(faiss.IDSelectorBatch(len(drop), faiss.swig_ptr(drop))))
+                keep_meta = ~np.isin(ids, drop)
+                parts = [meta.filter(pa.array(keep_meta))]
+                # The re-rank file travels with its rows: kept rows (sorted by id, like the kept meta), then adds.
+                old = read_shard_vectors(memory_dir, s, drop_ids=drop)
+                vecs = None if old is None else [old[1]]
+                if mine.any():
+                    itrain.add_vectors(index, d_xb[mine], d_ids[mine])  # encoded with the shared trained quantizer
+                    added_total += int(mine.sum())
+                    parts.append(_meta_table(d_ids[mine], d_meta, parts[0].schema))
+                    if vecs is not None:
+                        vecs.append(d_xb[mine])
+                dtype = open_vectors(store.url(s.vectors_path)).dtype.name if old is not None else "float32"
+                entries.append(save_shard(memory_dir, new_version, s.shard, index, pa.concat_tables(parts), tag=tag,
+                                          vectors=None if vecs is None else np.concatenate(vecs), rerank_dtype=dtype))
+                hang_point(memory_dir, "shard")
+        except (NotFound, FileNotFoundError) as e:
+            # With no grace period an erasure sweeps the files of superseded versions at once: a compaction
+            # whose snapshot another one superseded meanwhile finds them gone, and steps aside as at commit.
+            if store.current_version() == m.version:
+                raise
+            _discard(store, m, entries, marker)
+            log.info("compaction stepped aside: v%d was superseded while it ran (%s)", m.version, e)
+            return None
+        if not force and all(e is s for e, s in zip(entries, m.shards)) and store.current_version() != m.version:
+            _discard(store, m, entries, marker)  # nothing to do from an old snapshot: the newer one decides
+            return None
         if not force and all(e is s for e, s in zip(entries, m.shards)):
             # Nothing to fold or remove (another compaction did it, or the deleted ids only wait for their
             # erasure): no new version. Ids the backlog lacks (a compaction killed before scheduling) join it.
@@ -124,8 +136,7 @@ def compact(state: MemoryState, snap: Snapshot, force: bool = False,
                 erasure.schedule(memory_dir, m.version, missing, time.time() + grace)
             log.info("compaction: nothing to fold or remove in v%d (%d deleted id(s) wait for erasure)", m.version,
                      len(dead))
-            _erase_now(memory_dir, state, cfg)
-            return None
+            return _not_committed(memory_dir, state, cfg, m.version)
         hang_point(memory_dir, "before_commit")
         names = dict(m.build.get("label_names", {}))
         names.update({str(d_meta[int(i)]["label"]): d_meta[int(i)]["label_name"] for i in d_ids.tolist()})
@@ -137,11 +148,7 @@ def compact(state: MemoryState, snap: Snapshot, force: bool = False,
         try:
             store.commit(new)
         except CommitConflict as e:
-            for e_new in entries:
-                if e_new not in m.shards:
-                    storage.remove(store.url(e_new.path))
-                    storage.remove(store.url(e_new.meta_path))
-            storage.remove(marker)
+            _discard(store, m, entries, marker)
             log.info("compaction stepped aside: %s", e)
             return None
         storage.remove(marker)
@@ -153,7 +160,8 @@ def compact(state: MemoryState, snap: Snapshot, force: bool = False,
         state.record("compact", f"v{new_version}: folded {len(d_ids)} added item(s), removed "
                                     f"{removed_total} vector(s) of {len(dead)} deleted item(s)")
     seconds = time.perf_counter() - t0
-    report = {"version": new_version, "parent": m.version, "removed": removed_total, "added": added_total,
+    report = {"version": new_version, "parent": m.version, "committed": True, "removed": removed_total,
+              "added": added_total,
               "erased_ids": int(len(dead)), "seconds": seconds,
               "items_per_s": (removed_total + added_total + sum(e.count for e in entries)) / max(seconds, 1e-9)}
     log.info("compaction committed v%d: removed %d, added %d in %.2f s", new_version, removed_total, added_total,
@@ -164,6 +172,23 @@ def compact(state: MemoryState, snap: Snapshot, force: bool = False,
     erasure.schedule(memory_dir, new_version, dead[~np.isin(dead, known)], time.time() + grace)
     report.update(_erase_now(memory_dir, state, cfg))
     return report
+
+
+def _discard(store, m, entries: List[ShardEntry], marker: str) -> None:
+    """Remove the shard files this compaction wrote (it commits nothing) and its being-written marker."""
+    for e_new in entries:
+        if e_new not in m.shards:
+            storage.remove(store.url(e_new.path))
+            storage.remove(store.url(e_new.meta_path))
+    storage.remove(marker)
+
+
+def _not_committed(memory_dir: str, state: MemoryState, cfg, version: int) -> Optional[dict]:
+    """No new version: drain the erasure backlog that is due; a report if that erased something, else None."""
+    done = _erase_now(memory_dir, state, cfg)
+    if not isinstance(done["erasure"], dict):
+        return None
+    return {"version": version, "parent": version, "committed": False, "removed": 0, "added": 0, **done}
 
 
 def _erase_now(memory_dir: str, state: MemoryState, cfg) -> dict:

@@ -332,6 +332,8 @@ def _erase_locked(memory_dir: str, state: MemoryState, entries: List[dict], cfg,
     changed += sweep_superseded(memory_dir, version)
     for url in changed:
         storage.evict(url)
+    # The tables go last: their forget rows are the locators, so an eraser killed before this point leaves its
+    # successor (the pending entries stay until the report is written) everything it needs to redo the files.
     # Writers keep committing while we erase (a fold rewriting rows read before our delete, an index built on
     # an older version): erase the tables and check again until nothing is found.
     for attempt in range(attempts):
@@ -346,7 +348,8 @@ def _erase_locked(memory_dir: str, state: MemoryState, entries: List[dict], cfg,
         if not found:
             break
         log.info("erasure of v%s: traces left by concurrent writers (%s), erasing again", version, found)
-    files_found, files_checked = _verify_files(memory_dir, ids, tars, checked, blobs, in_doubt)
+    files_found, files_checked = _verify_files(memory_dir, ids, tars, checked, blobs, in_doubt,
+                                               since=min(version, ManifestStore(memory_dir).current_version() or 0))
     found.update(files_found)
     doubt_ids = _ids_in(in_doubt, tars, parts)
     for url in in_doubt:
@@ -553,7 +556,7 @@ def _verify_tables(state: MemoryState, ids: np.ndarray) -> Tuple[Dict[str, int],
 
 def _verify_files(memory_dir: str, ids: np.ndarray, tars: Dict[str, Dict[str, int]],
                   checked: Dict[str, Optional[bytes]], blobs: List[str],
-                  in_doubt: Dict[str, str]) -> Tuple[Dict[str, int], List[str]]:
+                  in_doubt: Dict[str, str], since: int = 0) -> Tuple[Dict[str, int], List[str]]:
     """The files that held the ids, read back: by format and by raw bytes; the faiss shards (and their meta)
     that can hold them in every manifest still on disk; the blobs gone. A file that cannot be read back
     goes to `in_doubt`."""
@@ -564,7 +567,7 @@ def _verify_files(memory_dir: str, ids: np.ndarray, tars: Dict[str, Dict[str, in
     if not len(ids):
         return found, out
     needles = Needles(ids)
-    for url, data in [*sorted(checked.items()), *((u, None) for u in _shard_files(memory_dir, ids))]:
+    for url, data in [*sorted(checked.items()), *((u, None) for u in _shard_files(memory_dir, ids, since))]:
         try:
             data = storage.read_bytes(url) if data is None else data
             hit = needles.hits(url, data)
@@ -587,13 +590,14 @@ def _verify_files(memory_dir: str, ids: np.ndarray, tars: Dict[str, Dict[str, in
     return found, out
 
 
-def _shard_files(memory_dir: str, ids: np.ndarray) -> List[str]:
-    """Index and meta files of the shards that may hold `ids` (`shard_of`), in every manifest on disk."""
+def _shard_files(memory_dir: str, ids: np.ndarray, since: int = 0) -> List[str]:
+    """Index and meta files of the shards that may hold `ids` (`shard_of`), in every manifest on disk from
+    version `since` on (the sweep removed the files only older versions referenced)."""
     from pipeline.index.train import shard_of
 
     store = ManifestStore(memory_dir)
     urls = []
-    for v in store.versions():
+    for v in [v for v in store.versions() if v >= since]:
         try:
             m = store.load(v)
         except Exception:  # noqa: BLE001 - removed meanwhile; the audit reads whatever is left
