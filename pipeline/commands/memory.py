@@ -32,13 +32,8 @@ def _maintain(cfg: Config, mem) -> None:
     stderr, never a traceback or a non-zero exit: a client that trusts the exit code must not retry an edit
     that was made. Compaction can be run again at any time (`vmem compact`)."""
     sys.stdout.flush()
-    if not cfg.memory.auto_compact:
-        return
     try:
-        why = mem.needs_compaction()
-        if why:
-            log.info("compacting: %s", why)
-            mem.compact()
+        mem.maintain()  # table upkeep, then compaction when due and memory.auto_compact allows
     except Exception as e:  # whatever broke, the edit stands; `vmem compact` reports the cause in full
         reason = " ".join(str(e).split()) or type(e).__name__
         print(f"vmem: warning: edit committed; auto-compaction failed: {type(e).__name__}: {reason}; "

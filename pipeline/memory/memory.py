@@ -218,6 +218,20 @@ class VisualMemory:
         """Why this memory should be compacted now (None if it need not be)."""
         return self.snapshot().needs_compaction()
 
+    def maintain(self) -> dict:
+        """The maintenance an edit may have made due, run beside requests (the server's background thread,
+        the CLI after it has answered), never inside an edit: state-table upkeep (`MemoryState.maintain`,
+        cheap when nothing is due), then a compaction when `needs_compaction()` says so and
+        `memory.auto_compact` allows. Returns what was done: {"tables": ..., "compaction": report or None,
+        "why": reason or None}."""
+        out = {"tables": self.state.maintain(), "compaction": None, "why": None}
+        if self.cfg.memory.auto_compact and not self.pinned:
+            out["why"] = self.needs_compaction()
+            if out["why"]:
+                log.info("compacting: %s", out["why"])
+                out["compaction"] = self.compact()
+        return out
+
     def compact(self, force: bool = False, grace_s: Optional[float] = None) -> Optional[dict]:
         """Fold the delta and the forget list into new shards (manifest v+1) and erase deleted items; returns
         the compaction report (None when another process committed first or there was nothing to do)."""

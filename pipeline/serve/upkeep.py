@@ -1,6 +1,7 @@
-"""Maintenance beside the service, never inside a request: a replica's background thread compacts the memory
-when an edit has made it due (`memory.needs_compaction()`), so an add or delete that crosses the threshold
-answers in the time of an add or delete, and the compaction still happens within seconds.
+"""Maintenance beside the service, never inside a request: a replica's background thread runs
+`memory.maintain()` (state-table upkeep, then a compaction when an edit has made one due), so an add or
+delete that crosses the compaction threshold answers in the time of an add or delete, and the compaction
+still happens within seconds.
 
 The thread wakes when a write finishes (`poke`) and every `INTERVAL_S` (edits may come from other replicas
 and processes). Several replicas may find the same compaction due: the first to commit wins and the others
@@ -24,6 +25,8 @@ class Upkeep:
     """The background compaction of one replica (see module docstring)."""
 
     def __init__(self, memory: ServedMemory, enabled: bool = True, interval_s: float = INTERVAL_S):
+        # `enabled` False (no thread) only for apps that must not write on their own; the memory's
+        # `memory.auto_compact` decides about compaction inside `maintain()`.
         self.memory, self.enabled, self.interval_s = memory, enabled, interval_s
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -54,17 +57,17 @@ class Upkeep:
             self.run_once()
 
     def run_once(self) -> Optional[dict]:
-        """Compact if due; returns the report (None when nothing was due or another process committed first)."""
+        """Maintain the memory now; returns the compaction report (None when none was due or another process
+        committed first)."""
         try:
-            why = self.memory.needs_compaction()
-            if why is None:
-                return None
             t0 = time.perf_counter()
-            log.info("background compaction: %s", why)
-            report = self.memory.compact()
+            done = self.memory.maintain()
+            report = done["compaction"]
+            if done["tables"]:
+                log.info("state upkeep: %s", done["tables"])
             if report is not None:
                 self.runs += 1
-                log.info("background compaction committed v%s in %.2f s", report.get("version"),
+                log.info("background compaction (%s) committed v%s in %.2f s", done["why"], report.get("version"),
                          time.perf_counter() - t0)
             self.last_error = None
             return report

@@ -45,12 +45,12 @@ class ServeContext:
     write_lock: threading.Lock = field(default_factory=threading.Lock)
     pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(16, thread_name_prefix="vmem-api"))
     batcher: QueryBatcher = field(init=False)  # from cfg.serve, on `pool`
-    upkeep: Upkeep = field(init=False)  # background compaction (memory.auto_compact), poked after each write
+    upkeep: Upkeep = field(init=False)  # background maintenance (table upkeep, compaction), poked after writes
 
     def __post_init__(self):
         sc = self.cfg.serve
         self.batcher = QueryBatcher(sc.query_batch, sc.query_concurrency, sc.query_wait_ms / 1000, self.pool)
-        self.upkeep = Upkeep(self.memory, enabled=self.cfg.memory.auto_compact).start()
+        self.upkeep = Upkeep(self.memory).start()
 
     @property
     def dim(self) -> Optional[int]:
