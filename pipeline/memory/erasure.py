@@ -370,8 +370,9 @@ def _erase_locked(memory_dir: str, state: MemoryState, entries: List[dict], cfg,
               "rewritten_or_removed": changed, "blobs_removed": len(blobs), "attempts": attempt + 1,
               "checked_at": time.time(), "seconds": time.perf_counter() - t0}
     lease.check()
-    storage.atomic_write_json(storage.join(memory_dir, _ERASURE, f"report-{version_name(version)}-"
-                                                                 f"{time.time_ns()}.json"), report)
+    # Named by version and time (sorted oldest first), never by anything an item could be mistaken for.
+    name = f"report-{version_name(version)}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"
+    storage.atomic_write_json(storage.join(memory_dir, _ERASURE, f"{name}.json"), report)
     for e in entries:
         storage.remove(e["url"])
     if found:
