@@ -175,11 +175,27 @@ def _run_measured(cmd: List[str], timeout: float, cwd: str = ROOT, env=None, unt
     if status == "ok" and early is None and proc.returncode != 0:
         status = f"failed (exit {proc.returncode}; see {log_path})"
     by_role: Dict[str, int] = {}
-    for role, rss in peaks.values():
+    anon: Dict[str, int] = {}
+    for role, rss, rss_anon in peaks.values():
         by_role[role] = max(by_role.get(role, 0), rss)
+        anon[role] = max(anon.get(role, 0), rss_anon)
     return {"wall_s": round(wall, 2), "status": status, "tree_peak_rss": tree_peak,
             "rss": dict(sorted(by_role.items(), key=lambda kv: -kv[1])),
+            "rss_anon": dict(sorted(anon.items(), key=lambda kv: -kv[1])),
             "stdout": out.decode(errors="replace"), "early": early}
+
+
+def _rss_anon(pid: int) -> int:
+    """Anonymous resident bytes (heap, arrays): RSS without the file pages of memory-mapped shard files, which
+    the OS may drop and which grow with the pages a search touched rather than with what the process holds."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def _sample(proc, root, peaks: Dict[int, List], t0: float, timeout: float, until):
@@ -199,11 +215,12 @@ def _sample(proc, root, peaks: Dict[int, List], t0: float, timeout: float, until
             except psutil.Error:
                 continue
             total += rss
-            rec = peaks.setdefault(p.pid, ["?", 0])
+            rec = peaks.setdefault(p.pid, ["?", 0, 0])
             role = _role(p)
             if role not in ("?", "ray::IDLE") or rec[0] == "?":
                 rec[0] = role if p.pid != proc.pid else "driver"
             rec[1] = max(rec[1], rss)
+            rec[2] = max(rec[2], _rss_anon(p.pid))
         tree_peak = max(tree_peak, total)
         if time.perf_counter() - t0 > timeout:
             status = "timeout"
@@ -447,7 +464,7 @@ def machine() -> dict:
 
 # ---------------------------------------------------------------- report: CSV, PNG, markdown
 
-COLUMNS = ["wall_s", "driver_rss_mb", "max_worker_rss_mb", "tree_peak_rss_mb", "disk_bytes_per_item"]
+COLUMNS = ["wall_s", "driver_rss_mb", "driver_anon_mb", "max_worker_rss_mb", "tree_peak_rss_mb", "disk_bytes_per_item"]
 
 
 def rows(data: dict) -> List[dict]:
@@ -462,10 +479,11 @@ def rows(data: dict) -> List[dict]:
             workers = [v for k, v in rss.items() if k.startswith("ray::")]
             row = {"items": n, "step": step, "status": r.get("status"), "wall_s": r.get("wall_s"),
                    "driver_rss_mb": round(rss.get("driver", 0) / 2 ** 20) or None,
+                   "driver_anon_mb": round(r.get("rss_anon", {}).get("driver", 0) / 2 ** 20) or None,
                    "max_worker_rss_mb": round(max(workers) / 2 ** 20) if workers else None,
                    "tree_peak_rss_mb": round(r.get("tree_peak_rss", 0) / 2 ** 20) or None,
                    "disk_bytes_per_item": r.get("disk_bytes_per_item"),
-                   "figures": {k: v for k, v in r.items() if k not in ("rss", "stdout", "early", "status", "wall_s",
+                   "figures": {k: v for k, v in r.items() if k not in ("rss", "rss_anon", "stdout", "early", "status", "wall_s",
                                                                       "tree_peak_rss", "disk_bytes",
                                                                       "disk_bytes_per_item", "finished_at")}}
             p = prev.get(step)
@@ -553,17 +571,19 @@ def markdown_table(data: dict, table: List[dict]) -> str:
         "width), 2 shards (1 per 1M items above 2M: `shards` in the JSON), autofaiss under "
         f"{data.get('bytes_per_item', 48)} B/item, target recall@10 0.95. Every step is one process as a user runs "
         "it (CLI steps include Ray start-up). RSS = peak resident set sampled every 0.25 s: `driver` = the "
-        "command's own process, `worker` = the largest Ray worker. Disk = bytes under the workdir (embedding "
+        "command's own process, `anon` = its anonymous part (RssAnon: without the file pages of memory-mapped "
+        "shard and re-rank files, recorded from 10M on), `worker` = the largest Ray worker. Disk = bytes under the workdir (embedding "
         "parts included) per item, after the step. Growth = this size's time (or driver RSS) / the previous "
         "size's. Raw figures: `benchmarks/results/scale.json` / `.csv`; plot: `benchmarks/results/scale.png`.",
         "",
-        "| items | step | status | wall s | x time | driver RSS MB | x RSS | worker RSS MB | tree RSS MB | "
-        "disk B/item | figures |",
-        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+        "| items | step | status | wall s | x time | driver RSS MB | x RSS | driver anon MB | worker RSS MB | "
+        "tree RSS MB | disk B/item | figures |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in table:
         figs = ", ".join(f"{k} {v}" for k, v in r["figures"].items() if v is not None and k not in ("nprobe",))
         lines.append(f"| {r['items']:,} | {r['step']} | {r['status']} | {_fmt(r['wall_s'])} | "
                      f"{_fmt(r['time_growth'])} | {_fmt(r['driver_rss_mb'])} | {_fmt(r['driver_rss_growth'])} | "
+                     f"{_fmt(r['driver_anon_mb'])} | "
                      f"{_fmt(r['max_worker_rss_mb'])} | {_fmt(r['tree_peak_rss_mb'])} | "
                      f"{_fmt(r['disk_bytes_per_item'])} | {figs} |")
     return "\n".join(lines) + "\n"
