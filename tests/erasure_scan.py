@@ -255,9 +255,9 @@ def lance_storage_options() -> dict:
 N_TARS, PER_TAR, DIM = 12, 30, 16
 
 
-def synthetic_workdir(root, n_tars=N_TARS, per_tar=PER_TAR, seed=5):
-    """Tars of samples (png + json key), one embedding part per tar with its `_manifest.json` entry, and a
-    memory (4 shards) whose items name their tar: the layout `vmem shards/embed/build` writes."""
+def write_samples(root, data, per_tar, source="synthetic"):
+    """`data` as the train split `vmem shards/embed` would write it: tars of samples (png + json key) and one
+    embedding part per tar, listed in `embeddings/train/_manifest.json`. Returns (tar URLs, part URLs)."""
     import io
     import json
     import tarfile
@@ -266,12 +266,10 @@ def synthetic_workdir(root, n_tars=N_TARS, per_tar=PER_TAR, seed=5):
     from pipeline.data.shards import tar_key
     from pipeline.embed import parts
     from pipeline.embed.stage import part_name
-    from pipeline.memory.synthetic import build_synthetic_memory, make_clusters
 
-    data = make_clusters(n_tars * per_tar, DIM, 4, seed=seed, prefix="train/img")
+    n_tars = len(data.ids) // per_tar
     tars = [storage.join(root, "shards", "train", f"train-{t:05d}.tar") for t in range(n_tars)]
     part_urls = [storage.join(root, "embeddings", "train", part_name(t)) for t in range(n_tars)]
-    item_tar = [tars[i // per_tar] for i in range(len(data.ids))]
     manifest = {"shards": {}}
     for t in range(n_tars):
         sel = range(t * per_tar, (t + 1) * per_tar)
@@ -287,11 +285,23 @@ def synthetic_workdir(root, n_tars=N_TARS, per_tar=PER_TAR, seed=5):
         storage.atomic_write_bytes(tars[t], buf.getvalue())
         meta = {"id": [int(data.ids[i]) for i in sel], "key": [data.keys[i] for i in sel],
                 "label": [int(data.labels[i]) for i in sel], "label_name": [f"class_{data.labels[i]}" for i in sel],
-                "source": ["synthetic"] * per_tar, "shard": [tars[t]] * per_tar}
+                "source": [source] * per_tar, "shard": [tars[t]] * per_tar}
         parts.write_part(parts.to_table(meta, data.xb[list(sel)]), part_urls[t])
         manifest["shards"][f"train-{t:05d}"] = {"url": tars[t], "part": part_name(t), "status": "done",
                                                 "rows": per_tar}
     storage.atomic_write_json(storage.join(root, "embeddings", "train", parts.MANIFEST_NAME), manifest)
+    return tars, part_urls
+
+
+def synthetic_workdir(root, n_tars=N_TARS, per_tar=PER_TAR, seed=5):
+    """Tars of samples (png + json key), one embedding part per tar with its `_manifest.json` entry, and a
+    memory (4 shards) whose items name their tar: the layout `vmem shards/embed/build` writes."""
+    from pipeline import storage
+    from pipeline.memory.synthetic import build_synthetic_memory, make_clusters
+
+    data = make_clusters(n_tars * per_tar, DIM, 4, seed=seed, prefix="train/img")
+    tars, part_urls = write_samples(root, data, per_tar)
+    item_tar = [tars[i // per_tar] for i in range(len(data.ids))]
     build_synthetic_memory(storage.join(root, "memory"), data, num_shards=4, index_key="IVF8,Flat", nprobe=8,
                            shards=item_tar, build={"split": "train"})
     return data, tars, part_urls

@@ -43,6 +43,7 @@ class World:
     seed: int = 0
     k: int = 10
     overrides: List[str] = field(default_factory=list)  # extra config overrides (ray.address, storage...)
+    tars: int = 0  # > 0: base items in that many WebDataset tars, one embedding part each (erasure rewrites them)
 
     def config_overrides(self) -> List[str]:
         # memory.grace_period_s stays at the product default: it is what keeps concurrent readers safe.
@@ -71,6 +72,11 @@ def write_embeddings(world: World) -> None:
 
     b, cfg = world.base(), world.config()
     n = len(b.ids)
+    if world.tars:
+        from erasure_scan import write_samples
+
+        write_samples(world.workdir, b, n // world.tars, source="base")
+        return
     meta = {"id": b.ids.tolist(), "key": b.keys, "label": b.labels.tolist(),
             "label_name": [f"class_{int(c)}" for c in b.labels], "source": ["base"] * n, "shard": [""] * n}
     write_part(to_table(meta, b.xb), storage.join(cfg.embeddings_dir("train"), "part-00000.parquet"))

@@ -33,6 +33,7 @@ class Report:
     counts: Counter = field(default_factory=Counter)
     examples: Dict[str, List[str]] = field(default_factory=lambda: defaultdict(list))
     stats: dict = field(default_factory=dict)
+    items: dict = field(default_factory=dict, repr=False)  # the oracle's items after the check (id -> Item)
 
     def fail(self, prop: str, what: str) -> None:
         self.counts[prop] += 1
@@ -210,10 +211,13 @@ def check_race_errors(items: Dict[int, Item], report: Report) -> None:
             report.fail("op_failed", f"p{p} op {i}: NotFound for ids {ids} that are all live")
 
 
-def verify(world: World, plan: dict, run: RunResult) -> Report:
-    """Every property of the runbook, as a report (report.ok when all hold)."""
+def verify(world: World, plan: dict, run: RunResult, extra: Dict[int, Item] = None) -> Report:
+    """Every property of the runbook, as a report (report.ok when all hold). `extra`: items the journals do
+    not describe (e.g. the chaos runbook's same-key races), checked like the rest."""
     report = Report()
     items = build_oracle(world, plan, run, report)
+    items.update(extra or {})
+    report.items = items
     try:
         check_memory(world, items, report)
     except Exception as e:  # e.g. the memory no longer opens: reported with everything the journals showed

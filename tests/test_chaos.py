@@ -1,0 +1,49 @@
+"""The chaos runbook (issue 17 item 8, harness in tests/chaos.py), short and with a fixed seed: writers from
+several processes (one SIGKILLed mid-op), same-key races from 4 processes, a truncated tar and a truncated
+embedding part mid-run, a `vmem compact` SIGKILLed inside its erasure, then `vmem compact` and `vmem build`;
+locally and on the S3 test server. And `vmem serve` with one of its 2 ingress replicas SIGKILLed while HTTP
+writes go on. Each ends with: 0 acked writes lost, 0 deleted ids returned, 0 duplicate ids, the live count
+equal to the oracle's, every erasure report verified or naming only the files broken on purpose (and then
+`vmem compact` exited non-zero naming them). The long runs: benchmarks/chaos_runbook.py."""
+import uuid
+
+import pytest
+
+import chaos
+import runbook as rb
+
+
+@pytest.fixture(scope="module")
+def ray_address(ray_session):
+    """Children join the test session's Ray (prune and `vmem build` run Ray work) instead of starting their own."""
+    return ray_session.get_runtime_context().gcs_address
+
+
+def _assert_ok(res):
+    assert res.ok, f"{res.report.format()}\nsteps: {res.steps}"
+    s = res.report.stats
+    assert s["race_acks"] == s["race_rounds"] and s["duplicates"] == 0
+    assert res.steps["bad_files"]["rc"] != 0 and res.steps["kill_eraser"]["build_rc"] == 0
+    assert s["erasure_reports"] >= 2 and s["reports_verified"] >= 1, s
+
+
+def test_chaos_runbook(tmp_path, ray_address):
+    world = chaos.chaos_world(str(tmp_path / "work"), seed=17, overrides=[f"ray.address={ray_address}"])
+    plan = chaos.ChaosPlan(seed=17, processes=3, ops=8, race_rounds=6)
+    _assert_ok(chaos.run_chaos(world, plan, str(tmp_path / "journals")))
+
+
+@pytest.mark.slow
+def test_chaos_runbook_on_s3(tmp_path, ray_address, s3_server):
+    world = chaos.chaos_world(f"s3://vmem-test/chaos-{uuid.uuid4().hex[:8]}", seed=18, n_base=320,
+                              overrides=[f"ray.address={ray_address}", f"storage.s3_endpoint_url={s3_server}"])
+    plan = chaos.ChaosPlan(seed=18, processes=3, ops=6, race_rounds=4)
+    _assert_ok(chaos.run_chaos(world, plan, str(tmp_path / "journals")))
+
+
+@pytest.mark.slow  # starts its own Ray and Serve: 1-3 minutes on 2 busy cores
+def test_serve_replica_killed_during_http_writes(tmp_path):
+    world = rb.World(workdir=str(tmp_path / "work"), n_base=320, seed=19)
+    res = chaos.serve_chaos(world, seconds=40, kill_after_s=12)
+    assert res.ok, f"{res.report.format()}\nsteps: {res.steps}"
+    assert res.steps["serve"].get("killed") and res.report.stats["acks"] > 0
