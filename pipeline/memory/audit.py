@@ -33,6 +33,7 @@ from pipeline import storage
 log = logging.getLogger("vmem.audit")
 
 _DIGITS = re.compile(rb"-?\d{13,20}")
+_STRUCTURED = (".parquet", ".tar", ".index", ".json", ".jsonl")  # formats read for ids whatever their size
 
 
 def audit_dir(memory_dir: str) -> str:
@@ -52,8 +53,8 @@ def erased_digests(state) -> Set[str]:
 class Matcher:
     """Whether an id-like value is an erased item: salted digest look-up, or membership of explicit ids."""
 
-    def __init__(self, salt: bytes, digests: Set[str], ids: Iterable[int] = ()):
-        self.salt, self.digests = salt, set(digests)
+    def __init__(self, salt: bytes, digests: Set[str], ids: Iterable[int] = (), raw_scan_max_bytes: int = 256 << 20):
+        self.salt, self.digests, self.raw_scan_max_bytes = salt, set(digests), raw_scan_max_bytes
         self.ids = np.unique(np.asarray(list(ids), np.int64))
         self._seen: Dict[int, bool] = {}
 
@@ -75,13 +76,13 @@ class Matcher:
         return out
 
 
-def scan_file(url: str, data: bytes, matcher: Matcher, raw_scan_max_bytes: int = 256 << 20) -> Dict[str, object]:
+def scan_file(url: str, data: bytes, matcher: Matcher) -> Dict[str, object]:
     """Findings in one file: {"ids": number of id-like values looked at, "found": erased ids found, "how"}."""
     from pipeline.memory.erasure import _raw_hits, _structured_ids
 
     values = np.unique(np.asarray(_structured_ids(url, data), np.int64))
     how: Dict[int, str] = {i: "by format" for i in matcher.erased(values.tolist())}
-    if len(data) <= raw_scan_max_bytes:
+    if len(data) <= matcher.raw_scan_max_bytes:
         runs = {int(m.group()) for m in _DIGITS.finditer(data) if len(m.group().lstrip(b"-")) <= 19}
         for i in matcher.erased(runs):
             how.setdefault(i, "decimal string")
@@ -106,6 +107,12 @@ def _scan_batch(urls: List[str], matcher: Matcher, env: dict) -> List[dict]:
     out = []
     for url in urls:
         try:
+            fs, path = storage.filesystem(url)
+            size = fs.size(path)
+            if size > matcher.raw_scan_max_bytes and not url.endswith(_STRUCTURED):
+                # Too big for the raw-byte scan and of no format that holds ids (re-rank vectors): not read.
+                out.append({"file": url, "bytes": int(size), "ids": 0, "found": 0, "how": [], "raw": False})
+                continue
             data = storage.read_bytes(url)
         except FileNotFoundError:
             out.append({"file": url, "gone": True})
@@ -213,6 +220,7 @@ def run_audit(memory_dir: str, cfg=None, ids: Iterable[int] = (), restart: bool 
     report = {"verdict": verdict, "clean": not traces and not unreadable, "workdir": workdir,
               "files": sum(1 for u in files if u in done and not done[u].get("gone")),
               "table_versions": len(tables),
+              "large_files_not_read": sum(1 for r in results if r.get("raw") is False),
               "bytes": int(sum(r.get("bytes", 0) for r in results)),
               "ids_checked": {"erased_digests": len(matcher.digests), "explicit_ids": int(len(matcher.ids))},
               "id_values_seen": int(sum(r.get("ids", 0) for r in results)),
