@@ -3,8 +3,9 @@
 Steps (each a logged phase):
  1. scan the embedding parts (ids only): n, dim, a fingerprint of the inputs; ids must be unique.
  2. choose the index (`pipeline.index.keys.choose_index`): explicit `index.index_key`; else one list (exact
-    "Flat", or SQ8 codes + re-rank) when an exhaustive scan fits half of `index.max_latency_ms`; else
-    autofaiss's choice under `index.max_index_memory` passed through the IVF rule. The choice and its reason
+    "Flat", or SQ8 codes + re-rank) when an exhaustive scan fits half of `index.max_latency_ms`; else IVF
+    with the code measured on a sample of the vectors among those fitting `index.max_index_memory` (Flat,
+    SQ8, RaBitQ, fast-scan, PQ: recall at the vote's depth first, then CPU time per query). The choice and its reason
     are logged and recorded in the manifest (`build.index_choice`). Refuse (UserError with numbers) if one
     shard will not fit `index.memory_per_node` (`pipeline.index.plan`'s estimate).
  3. train on a random sample of `index.train_sample` vectors (`pipeline.index.train.train_index`) and store the
@@ -39,7 +40,8 @@ from pipeline import storage
 from pipeline.embed.parts import MANIFEST_NAME, embeddings_of, iter_embedding_batches, part_urls, schema
 from pipeline.errors import DataError, NotFound, UserError
 from pipeline.index import train as tr
-from pipeline.index.keys import IndexChoice, autofaiss_key, bytes_per_shard, choose_index, key_cost
+from pipeline.index.keys import (MEASURE_BASE, MEASURE_QUERIES, IndexChoice, autofaiss_key, bytes_per_shard,
+                                 choose_index, key_cost)
 from pipeline.index.manifest import Manifest, ManifestStore, ShardEntry, version_name
 from pipeline.index.recall import (choose_setting, exact_knn, format_table, rerank_ladder, settings_table)
 from pipeline.index.shard import mark_writing, read_index, save_shard, sha256_bytes, verify
@@ -48,6 +50,7 @@ from pipeline.runtime import phase
 
 log = logging.getLogger("vmem.index")
 SEED = 0
+MEASURE_SAMPLE = MEASURE_BASE + MEASURE_QUERIES  # vectors a measured index choice reads
 
 
 # ---------------------------------------------------------------- inputs
@@ -281,13 +284,16 @@ def _populate_all(cfg, store: ManifestStore, version: int, trained_rel: str, tra
     return [entries[s] for s in range(S)]
 
 
-def choose_key(cfg, n: int, dim: int, scan_ms: Optional[float] = None) -> IndexChoice:
-    """The index a build of n x dim uses under this config, and why (see `pipeline.index.keys`)."""
+def choose_key(cfg, n: int, dim: int, scan_ms: Optional[float] = None, sample=None) -> IndexChoice:
+    """The index a build of n x dim uses under this config, and why (see `pipeline.index.keys`); with
+    `sample` (vectors, or a function reading them) an IVF memory's code is measured among the candidates."""
     budget = parse_bytes(cfg.index.max_index_memory)
     train_n = min(n, int(cfg.index.train_sample))
     auto = None if cfg.index.index_key else autofaiss_key(n, dim, budget)
     return choose_index(auto, n, dim, budget, float(cfg.index.max_latency_ms), train_n=train_n,
-                        explicit_key=cfg.index.index_key, rerank=cfg.index.rerank, scan_ms=scan_ms)
+                        explicit_key=cfg.index.index_key, rerank=cfg.index.rerank, scan_ms=scan_ms,
+                        sample=sample, target=float(cfg.index.target_recall), K=vote_depths(cfg, n)[0],
+                        metric=cfg.index.metric, gpu=bool(cfg.index.gpu))
 
 
 def vote_depths(cfg, n: int) -> Tuple[int, List[int]]:
@@ -334,7 +340,10 @@ def build_index(cfg, split: str = "train", exclude: Optional[np.ndarray] = None,
     n = len(ids) - excluded
     if n < int(cfg.index.num_shards):
         raise UserError(f"{n} items cannot fill index.num_shards={cfg.index.num_shards} shards")
-    choice = choose_key(cfg, n, dim)
+    live_pos = np.flatnonzero(~np.isin(ids, exclude))
+    choice = choose_key(cfg, n, dim, sample=lambda: gather_rows(  # read only if the choice is measured
+        emb_dir, np.random.default_rng(SEED + 2).choice(live_pos, min(n, MEASURE_SAMPLE), replace=False),
+        cfg.index.build_batch_rows)[0])
     key = choice.key
     need = check_fits(cfg, key, n, dim)
     log.info("index %s for %s x %d (%s per shard, re-rank %s): %s", key, f"{n:,}", dim, format_bytes(need),

@@ -23,6 +23,23 @@ float vectors, else `IVF1,SQ8` with exact re-ranking. When only PQ codes fit the
 for it: IVF + re-rank (a full PQ scan per query would cost far more than probing a few lists). A one-list IVF
 *is* a flat index with ids (same scan, same distances), and keeps what the memory relies on: one shared
 trained index, `remove_ids`, id selectors, inverted lists to verify erasure.
+
+Measured choice (faiss >= 1.15). Given a sample of the memory's vectors (`choose_index(sample=...)`, the build
+passes one), an IVF memory's code is chosen by measurement instead of the static rule above:
+`candidate_keys` lists, for each code family, the largest code that fits the budget (bytes from faiss
+itself): `Flat`, `SQ8`, multi-bit RaBitQ `RaBitQ{b}` (b = 1..9 bits per dimension; 1-bit is `RaBitQ`), its
+fast-scan form `RaBitQfs{b}`, PQ fast-scan `PQ{m}x4fs` and `PQ{m}x8` (autofaiss's OPQ key when it gave one).
+`measure_candidates` indexes the sample under each, with and without the re-rank stage, and finds the
+cheapest setting (nprobe, re-rank depth) whose recall at the vote's depth K (and at 10) reaches the target;
+`pick` takes, recall first, the candidate that reaches the target at the lowest CPU time per query (fewer
+bytes on a tie), else the best recall. The re-rank stage stays on where it pays: the winner needed it, or
+reached the target without it by less than `RERANK_MARGIN`.
+faiss 1.15 has no IVF scalar-quantizer fast-scan index (the factory refuses `SQ4fs`/`SQ8fs`; there is no
+IndexIVFScalarQuantizerFastScan class): its IVF fast-scan indexes are `PQ{m}x4fs` and `RaBitQfs{b}`, both
+candidates here. RaBitQ needs no codebook training (a random rotation + the IVF k-means), supports
+`remove_ids`, id selectors, `search_preassigned`, serialization and memory-mapped reads like the other keys
+(tests/test_index_keys.py), so compacting memories may use it; the GPU wheel (faiss-gpu-cu12 1.12) cannot read
+multi-bit RaBitQ or RaBitQ fast-scan indexes, so `choose_index(gpu=True)` leaves RaBitQ out.
 """
 from __future__ import annotations
 
@@ -30,7 +47,7 @@ import math
 import re
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, List, Optional, Sequence, Union
 
 import numpy as np
 
@@ -41,6 +58,7 @@ from pipeline.index.units import to_autofaiss
 
 ID_BYTES = 8  # each item's int64 id is stored beside its code in the inverted lists
 MIN_POINTS_PER_LIST = 39
+Sample = Union[np.ndarray, Callable[[], np.ndarray]]  # vectors, or a function that reads them when needed
 
 
 def is_ivf(key: str) -> bool:
@@ -131,9 +149,13 @@ class IndexChoice:
     kind: str
     reason: str
     rerank: bool  # shards store re-rank vectors (exact similarities decide the top k)
+    measured: Optional[List[dict]] = None  # kind "measured": one row per candidate (`measure_candidates`)
 
     def to_dict(self) -> dict:
-        return {"key": self.key, "kind": self.kind, "reason": self.reason, "rerank": self.rerank}
+        out = {"key": self.key, "kind": self.kind, "reason": self.reason, "rerank": self.rerank}
+        if self.measured is not None:
+            out["measured"] = self.measured
+        return out
 
 
 def _rerank_on(setting: str, key: str) -> bool:
@@ -142,8 +164,13 @@ def _rerank_on(setting: str, key: str) -> bool:
 
 def choose_index(auto_key: Optional[str], n: int, d: int, budget_bytes: int, max_latency_ms: float,
                  train_n: Optional[int] = None, explicit_key: Optional[str] = None, rerank: str = "auto",
-                 scan_ms: Optional[float] = None) -> IndexChoice:
-    """The index of an n x d memory (rules in the module docstring); `scan_ms` = ms per item (default measured)."""
+                 scan_ms: Optional[float] = None, sample: Optional[Sample] = None, target: float = 0.95,
+                 K: int = 10, metric: str = "ip", gpu: bool = False) -> IndexChoice:
+    """The index of an n x d memory (rules in the module docstring); `scan_ms` = ms per item (default measured).
+
+    `sample` (vectors of the memory, or a function returning them, called only when needed): an IVF memory's
+    code is then measured among `candidate_keys` (recall at `K` and 10 against `target` first, then CPU time
+    per query); without it the static rule decides."""
     per_item = budget_bytes / max(int(n), 1)
     if explicit_key:
         key = resolve_index_key(None, n, d, budget_bytes, train_n, explicit_key)
@@ -164,10 +191,190 @@ def choose_index(auto_key: Optional[str], n: int, d: int, budget_bytes: int, max
         reason = (f"{scan}, but only PQ codes fit the budget ({per_item:.0f} bytes per item): IVF with "
                   f"{key_cost(key, d).nlist} lists and re-rank, not a full scan of the codes per query")
         return IndexChoice(key, "ivf", reason, _rerank_on(rerank, key))
+    if sample is not None:
+        keys = candidate_keys(n, d, budget_bytes, train_n, auto_key=auto_key, gpu=gpu)
+        if len(keys) > 1:
+            xs = sample() if callable(sample) else sample
+            rows = measure_candidates(xs, keys, K, target, metric=metric, rerank=rerank)
+            best = pick(rows)
+            why = (f"reaches recall {best['recall']:.3f} >= {target:g} at K={K}" if best["reached"] else
+                   f"no candidate reaches recall {target:g} at K={K}: best recall {best['recall']:.3f}")
+            reason = (f"{scan} > half of index.max_latency_ms ({max_latency_ms:g}); measured {len(rows)} codes "
+                      f"that fit {per_item:.0f} budget bytes per item on {best['sample']:,} sample vectors: "
+                      f"{best['key']} {why}, {best['ms_per_query']:.3f} CPU ms/query (nprobe {best['nprobe']}/"
+                      f"{best['sample_nlist']}, re-rank {best['rerank_k']})")
+            return IndexChoice(best["key"], "measured", reason, _rerank_pays(rerank, best, target), rows)
     key = resolve_index_key(auto_key, n, d, budget_bytes, train_n)
     reason = (f"{scan} > half of index.max_latency_ms ({max_latency_ms:g}): IVF with "
               f"{key_cost(key, d).nlist} lists; codes from {per_item:.0f} budget bytes per item")
     return IndexChoice(key, "ivf", reason, _rerank_on(rerank, key))
+
+
+# ---------------------------------------------------------------- measured choice among code families
+
+RERANK_MARGIN = 0.02    # re-rank stays on unless the codes alone beat the target by this much on the sample
+MEASURE_BASE = 20000    # sample vectors indexed per candidate (the rest of a bigger sample is not used)
+MEASURE_QUERIES = 200   # sample vectors used as queries (not indexed)
+RABITQ_MAX_BITS = 9     # faiss 1.15: RaBitQ codes have 1..9 bits per dimension
+
+
+def _divisors_desc(d: int, most: int) -> List[int]:
+    return [m for m in range(min(d, most), 0, -1) if d % m == 0]
+
+
+def candidate_keys(n: int, d: int, budget_bytes: int, train_n: Optional[int] = None,
+                   auto_key: Optional[str] = None, gpu: bool = False) -> List[str]:
+    """The IVF keys a measured choice compares: per code family the largest code that fits the budget.
+
+    Families: Flat, SQ8, RaBitQ{b} and RaBitQfs{b} (not with `gpu`: the GPU wheel cannot read them),
+    PQ{m}x4fs (m | d, at least 2 dimensions per sub-quantizer), and below SQ8's bytes PQ{m}x8 (autofaiss's
+    IVF-PQ key when it gave one): above them SQ8 holds every dimension at 8 bits for the same bytes, and PQ
+    codebook training is the slowest part of a build. Empty when not even a PQ4 code fits."""
+    nlist = nlist_for(n, train_n)
+    code = budget_bytes / max(int(n), 1) - ID_BYTES
+    ivf = f"IVF{nlist}"
+    out: List[str] = []
+
+    def fits(key: str) -> bool:
+        return key_cost(key, d).code_size <= code
+
+    for key in (f"{ivf},Flat", f"{ivf},SQ8"):
+        if fits(key):
+            out.append(key)
+    if not gpu:
+        for fs in ("", "fs"):
+            for b in range(RABITQ_MAX_BITS, 0, -1):
+                key = f"{ivf},RaBitQ{fs}{b if b > 1 else ''}"
+                if fits(key):
+                    out.append(key)
+                    break
+    for m in _divisors_desc(d, d // 2):
+        if m % 2 == 0 and m / 2 <= code:  # 4-bit fast-scan codes pack two sub-quantizers per byte
+            out.append(f"{ivf},PQ{m}x4fs")
+            break
+    if f"{ivf},SQ8" not in out:
+        if auto_key and is_ivf(auto_key) and "PQ" in auto_key and "fs" not in auto_key:
+            key = re.sub(r"IVF(\d+)", lambda g: f"IVF{min(int(g.group(1)), nlist_cap(train_n))}", auto_key, count=1)
+            if fits(key):
+                out.append(key)
+        if not any(re.search(r",PQ\d+(x8)?$", k) for k in out):
+            for m in _divisors_desc(d, min(256, d // 2)):
+                if m <= code:
+                    out.append(f"{ivf},PQ{m}x8")
+                    break
+    return out
+
+
+def family_of(key: str) -> str:
+    """The code family of an IVF key: flat, sq8, rabitq, rabitq-fs, pq4fs, pq (OPQ/PQ), other."""
+    code = key.split(",")[-1]
+    for pattern, fam in ((r"Flat$", "flat"), (r"SQ8$", "sq8"), (r"RaBitQfs\d*$", "rabitq-fs"),
+                         (r"RaBitQ\d*$", "rabitq"), (r"PQ\d+x4fs", "pq4fs"), (r"PQ\d+", "pq")):
+        if re.search(pattern, code):
+            return fam
+    return "other"
+
+
+def _recall(I: np.ndarray, gt: np.ndarray, k: int) -> float:
+    k = min(k, I.shape[1], gt.shape[1])
+    return float(np.mean([len(np.intersect1d(a[:k], b[:k])) for a, b in zip(I, gt)]) / k)
+
+
+def measure_candidates(xs: np.ndarray, keys: Sequence[str], K: int, target: float, metric: str = "ip",
+                       rerank: str = "auto", queries: int = MEASURE_QUERIES, base: int = MEASURE_BASE,
+                       seed: int = 0) -> List[dict]:
+    """One row per key: its cheapest setting on the sample that reaches `target` (recall at min(K, 10) and at
+    K against exact search), else its best one.
+
+    The sample is split into `queries` query vectors and at most `base` indexed vectors; each key is built
+    with the sample's own list count (`sample_nlist`: the comparison is between codes, not list counts),
+    searched over nprobe 1, 2, 4, ... and re-rank depths (0 = codes decide; max(K, 50) x 1 and x 4 when
+    `rerank` is auto, without 0 when it is "true", none for exact codes or "false"). `ms_per_query` is CPU
+    time on one thread (process time, so other processes on the machine do not inflate it), re-ranking
+    included. Row fields: key (the full-size key), family, bytes_per_item (faiss's code + id), nprobe,
+    rerank_k, recall, reached, plain_recall (best recall without re-rank), ms_per_query, sample,
+    sample_nlist."""
+    from pipeline.index.rerank import rerank as rerank_fn
+
+    xs = np.ascontiguousarray(xs, dtype=np.float32)
+    if len(xs) < 2 * MIN_POINTS_PER_LIST + 2:
+        raise UserError(f"a measured index choice needs a sample of at least {2 * MIN_POINTS_PER_LIST + 2} "
+                        f"vectors, got {len(xs)}")
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(xs))
+    nq = min(int(queries), len(xs) // 4)
+    xq = xs[order[:nq]]
+    xb = xs[order[nq:nq + int(base)]]
+    ids = np.arange(len(xb), dtype=np.int64)  # sorted, as the re-rank stage needs
+    d = xs.shape[1]
+    K = max(1, min(int(K), len(xb)))
+    kk = max(K, min(10, len(xb)))
+    mt = metric_of(metric)
+    gt = faiss.knn(xq, xb, kk, metric=mt)[1]
+    nlist_s = max(1, min(nlist_for(len(xb)), len(xb) // MIN_POINTS_PER_LIST))
+    ladder = [1 << i for i in range(int(math.log2(nlist_s)) + 1)]
+    if ladder[-1] != nlist_s:
+        ladder.append(nlist_s)
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    rows = []
+    try:
+        for key in keys:
+            skey = re.sub(r"IVF\d+", f"IVF{nlist_s}", key, count=1)
+            index = faiss.index_factory(d, skey, mt)
+            index.train(xb)
+            index.add_with_ids(xb, ids)
+            base_depth = max(K, 50)
+            if code_is_exact(key) or rerank == "false":
+                depths = [0]
+            else:
+                depths = ([0] if rerank != "true" else []) + [min(base_depth, len(xb)), min(4 * base_depth, len(xb))]
+            best, best_any, plain = None, None, 0.0
+            for depth in dict.fromkeys(depths):
+                for nprobe in ladder:
+                    params = faiss.SearchParametersIVF(nprobe=nprobe)
+                    t0 = time.process_time()
+                    _, I = index.search(xq, max(kk, depth), params=params)
+                    if depth:
+                        _, I = rerank_fn(xq, I, ids, xb, kk, metric)
+                    ms = (time.process_time() - t0) * 1000 / len(xq)
+                    r = min(_recall(I, gt, min(K, 10)), _recall(I, gt, K))
+                    row = {"nprobe": nprobe, "rerank_k": depth, "recall": r, "ms_per_query": ms}
+                    if depth == 0:
+                        plain = max(plain, r)
+                    if best_any is None or r > best_any["recall"]:
+                        best_any = row
+                    if r >= target:
+                        if best is None or ms < best["ms_per_query"]:
+                            best = row
+                        break  # more lists only cost more
+            cost = key_cost(key, d, metric)
+            chosen = best or best_any
+            rows.append({"key": key, "family": family_of(key), "bytes_per_item": cost.bytes_per_item,
+                         **chosen, "reached": best is not None, "plain_recall": plain,
+                         "sample": len(xb), "sample_nlist": nlist_s})
+    finally:
+        faiss.omp_set_num_threads(threads)
+    return rows
+
+
+def pick(rows: Sequence[dict]) -> dict:
+    """Recall first: among rows that reached the target the lowest CPU time per query (then fewer bytes);
+    when none did, the best recall (then fewer bytes)."""
+    reached = [r for r in rows if r["reached"]]
+    if reached:
+        return min(reached, key=lambda r: (r["ms_per_query"], r["bytes_per_item"]))
+    return max(rows, key=lambda r: (r["recall"], -r["bytes_per_item"]))
+
+
+def _rerank_pays(setting: str, row: dict, target: float) -> bool:
+    """Whether a measured winner keeps the re-rank stage: forced by the setting, or (auto) its codes are not
+    exact and it needed re-ranking, or reached the target without it by less than RERANK_MARGIN."""
+    if setting in ("true", "false"):
+        return setting == "true"
+    if code_is_exact(row["key"]):
+        return False
+    return row["rerank_k"] > 0 or row["plain_recall"] < target + RERANK_MARGIN
 
 
 def autofaiss_key(n: int, d: int, budget_bytes: int) -> Optional[str]:

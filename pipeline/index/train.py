@@ -1,10 +1,18 @@
 """Training the one IVF index a memory shares, and the faiss mechanics around it (GPU, serialize, add, routing).
 
-`train_index` trains on a sample and returns the trained-but-EMPTY index. Keys that autofaiss itself builds
-(its own choice, `IVF*,Flat`, `OPQ*,IVF*,PQ*`) are trained by `autofaiss.build_index` (which also fills the
-index with the sample; we `reset()` it, keeping the trained quantizer, OPQ and PQ codebooks). Keys autofaiss
-refuses for inner product (`IVF*,SQ8`, plain `IVF*,PQ*`) and explicit config keys are trained by faiss
-directly on the same sample.
+`train_index` trains on a sample and returns the trained-but-EMPTY index. Keys that autofaiss builds as faiss
+would (`IVF*,Flat`; for the l2 metric also its own `OPQ*,IVF*,PQ*` forms) are trained by
+`autofaiss.build_index` (which also fills the index with the sample; we `reset()` it, keeping the trained
+quantizer and codebooks). Every other key is trained by faiss directly on the same sample: keys autofaiss
+refuses for inner product (`IVF*,SQ8`, plain `IVF*,PQ*`) or has no memory heuristics for (plain PQ, RaBitQ,
+fast-scan: "we don't have heuristics for that kind of index"), explicit config keys, and `OPQ*,IVF*,PQ*` for
+inner product. The last ones autofaiss 2.18 builds with its own factory, `faiss.OPQMatrix(d, M=..., d2=...)`:
+faiss 1.14 renamed that keyword (`M_in`), so on faiss >= 1.14 autofaiss fails with "OPQMatrix.__init__() got
+an unexpected keyword argument 'M'". faiss's own `index_factory` builds the same OPQ + IVF-PQ with an
+inner-product coarse quantizer (checked on 1.15.1: quantizer and IVF metric are METRIC_INNER_PRODUCT), so the
+project trains these keys itself rather than patching either library. autofaiss still proposes keys
+(`pipeline.index.keys.autofaiss_key`) and list counts (`nlist_for`): that part is arithmetic on the sizes and
+works on every faiss.
 
 Reusable by the memory layer (compaction, synthetic memories): `serialize`, `trained_clone`, `add_vectors`,
 `shard_of`.
@@ -24,12 +32,14 @@ from pipeline.index.units import to_autofaiss
 
 log = logging.getLogger("vmem.index")
 
-_AUTOFAISS_IP_KEYS = (r"^OPQ\d+_\d+,IVF\d+(_HNSW\d+)?,PQ\d+(x\d+)?$", r"^IVF\d+,Flat$")
+# Keys autofaiss builds as faiss would, per metric. Not OPQ for inner product: see the module docstring.
+_AUTOFAISS_KEYS = {"ip": (r"^IVF\d+,Flat$",),
+                   "l2": (r"^IVF\d+,Flat$", r"^OPQ\d+_\d+,IVF\d+(_HNSW\d+)?,PQ\d+(x\d+)?$")}
 
 
 def autofaiss_can_build(key: str, metric: str) -> bool:
-    """Whether autofaiss builds `key` as faiss would (for inner product it supports only some forms)."""
-    return metric != "ip" or any(re.match(p, key) for p in _AUTOFAISS_IP_KEYS)
+    """Whether autofaiss builds `key` as faiss would (it knows only some forms, fewer for inner product)."""
+    return any(re.match(p, key) for p in _AUTOFAISS_KEYS.get(metric, ()))
 
 
 def use_gpu(requested: bool) -> bool:
