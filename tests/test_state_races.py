@@ -79,7 +79,9 @@ def test_same_key_from_four_processes_exactly_one_wins(tmp_path):
     live = set(ids.tolist()) - set(state.forgotten_ids().tolist())
     assert live == {1} | {10_000 + r for r in range(rounds) if r not in deleted_rounds}
     adds = [e for e in state.edits() if e["op"] == "add"]
-    assert len(adds) == 1 + len(deleted_rounds) + rounds - len(deleted_rounds)  # losers' lines taken back
+    undone = [r for r in state[EDITS].read().to_pylist() if r["op"] == "undo"] if state[EDITS].exists() else []
+    assert len(adds) == 1 + len(deleted_rounds) + rounds - len(deleted_rounds), \
+        (len(undone), [(v, e["pid"], e["at"]) for v, e in state[ITEMS].history()], results)  # losers' lines gone
 
 
 # ------------------------------------------------------------- upkeep beside writers in other processes
@@ -216,6 +218,8 @@ def test_one_commit_per_edit_and_history_lines(tmp_path):
     v_items, edits_before = state[ITEMS].version(), state[EDITS].exists()
     _add(state, 2)
     assert state[ITEMS].version() == v_items + 1 and state[EDITS].exists() == edits_before is False
+    _add(state, 3)
+    _forget(state, [3])  # the first write creates the table (empty, once), then appends
     v_forget = state[FORGET].version()
     _forget(state, [1])
     assert state[FORGET].version() == v_forget + 1 and not state[EDITS].exists()
@@ -223,13 +227,13 @@ def test_one_commit_per_edit_and_history_lines(tmp_path):
                        detail="1 overlay row(s)")
     assert not state[EDITS].exists()
     state.record("compact", "v2")
-    assert [e["op"] for e in state.edits()] == ["add", "add", "delete", "relabel", "compact"]
+    assert [e["op"] for e in state.edits()] == ["add", "add", "add", "delete", "delete", "relabel", "compact"]
     with pytest.raises(UserError, match="already in the memory"):
         _add(state, 2)
     with pytest.raises(UserError, match="deletion is final"):
         _add(state, 1)
-    assert state[ITEMS].read(["id"]).num_rows == 2  # refused adds changed nothing
-    assert len(state.edits()) == 5
+    assert state[ITEMS].read(["id"]).num_rows == 3  # refused adds changed nothing
+    assert len(state.edits()) == 7
 
 
 def test_import_items_adds_only_new_rows(tmp_path):
@@ -298,3 +302,26 @@ def test_erasure_removes_old_versions_but_no_history_line(tmp_path):
     assert state[ITEMS].version_count() == 1 and state[FORGET].version_count() == 1
     assert set(state[ITEMS].read(["id"]).column("id").to_pylist()) == {1, 4, 5}
     assert state.is_forgotten([1, 2, 3]).tolist() == [False, True, True] and not len(state.forgotten_ids())
+
+
+def _first_writer(memory_dir, barrier, out):
+    state = MemoryState(memory_dir)
+    barrier.wait()
+    state.record("note", str(os.getpid()))
+    out.put(os.getpid())
+
+
+def test_first_writes_from_four_processes_lose_no_row(tmp_path):
+    """Lance commits a create as an overwrite: without the exclusive creation, racing first writers each
+    committed a table holding only their own row."""
+    for trial in range(3):
+        d = str(tmp_path / str(trial))
+        ctx = mp.get_context("spawn")
+        barrier, out = ctx.Barrier(4), ctx.Queue()
+        ps = [ctx.Process(target=_first_writer, args=(d, barrier, out)) for _ in range(4)]
+        for p in ps:
+            p.start()
+        pids = {out.get(timeout=120) for _ in ps}
+        for p in ps:
+            p.join(60)
+        assert {int(r["detail"]) for r in MemoryState(d)[EDITS].read().to_pylist()} == pids

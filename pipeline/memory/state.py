@@ -197,16 +197,43 @@ class Table:
     def _append(self, table: pa.Table, history: Optional[Dict[str, str]] = None) -> int:
         import lance
 
-        mode = "append" if self.exists() else "create"
-        kw = {"storage_options": lance_options(self.url), "transaction_properties": history or None}
-        try:
-            ds = lance.write_dataset(table.cast(self.schema), self.url, mode=mode, **kw)
-        except (OSError, ValueError) as e:
-            if mode != "create" or "exist" not in str(e).lower():
-                raise
-            ds = lance.write_dataset(table.cast(self.schema), self.url, mode="append", **kw)
-        self._created = True
+        self._ensure_created()
+        ds = lance.write_dataset(table.cast(self.schema), self.url, mode="append", storage_options=lance_options(
+            self.url), transaction_properties=history or None)
         return ds.version
+
+    def _ensure_created(self, wait_s: float = 10.0) -> None:
+        """Create the table (empty) exactly once, whatever the number of processes racing to write first.
+
+        Lance commits a `create` as an overwrite, so two processes creating the table with their first rows
+        would each commit a version holding only their own rows: one writer's rows would be lost. So one
+        process wins an exclusive marker (`state/.<table>.create`) and creates the table empty; the others
+        wait for it and append (a creator that died is replaced after `wait_s`)."""
+        import lance
+
+        if self.exists():
+            return
+        marker = self.url.rstrip("/") + ".create"
+        marker = storage.join(marker.rsplit("/", 1)[0], "." + marker.rsplit("/", 1)[1])
+        try:
+            storage.create_exclusive(marker, f"{socket.gethostname()}:{os.getpid()}".encode())
+            mine = True
+        except storage.AlreadyExists:
+            mine = False
+        deadline = time.monotonic() + wait_s
+        while not mine and not storage.exists(storage.join(self.url, "_versions")):
+            if time.monotonic() > deadline:
+                mine = True  # the creator died between its marker and the table: create it ourselves
+                break
+            time.sleep(0.02)
+        if mine and not storage.exists(storage.join(self.url, "_versions")):
+            try:
+                lance.write_dataset(self.schema.empty_table(), self.url, mode="create",
+                                    storage_options=lance_options(self.url))
+            except (OSError, ValueError) as e:  # created meanwhile by a replacing process: the same empty table
+                if "exist" not in str(e).lower():
+                    raise
+        self._created = True
 
     def insert_new(self, data: pa.RecordBatchReader, on: str = "id") -> int:
         """Append the rows of `data` whose `on` value the table does not hold yet (an anti-join inside Lance,
@@ -363,7 +390,7 @@ class Table:
             rows = self.fragment_rows()
             tier = [f for f, n in rows.items() if lo <= n < hi]
             if len(tier) > most or (force and len(tier) > 1):
-                others = [f for f in rows if f not in set(tier)]  # boundaries: never rewritten here
+                others = [f for f, n in rows.items() if not lo <= n < hi]  # boundaries: never rewritten here
 
                 def run():
                     return self.dataset().optimize.compact_files(
@@ -436,7 +463,10 @@ class MemoryState:
         if self._salt is None:
             url = storage.join(self.dir, "salt")
             if not storage.exists(url):
-                storage.create_exclusive(url, os.urandom(32))
+                try:
+                    storage.create_exclusive(url, os.urandom(32))
+                except storage.AlreadyExists:
+                    pass  # another process created it between our check and our create: theirs is the salt
             self._salt = storage.read_bytes(url)
         return self._salt
 
@@ -457,7 +487,7 @@ class MemoryState:
         return pa.concat_tables(parts) if parts else ITEM_SCHEMA.empty_table().select(cols)
 
     def add_items(self, table: pa.Table, keys: Optional[Sequence[str]] = None, detail: Optional[str] = None,
-                  op: str = "add", wait_s: float = 5.0) -> int:
+                  op: str = "add", wait_s: float = 2.0) -> int:
         """Add item rows in one commit, only if no live or deleted item has one of their ids (= their keys);
         returns the table version. With `detail`, the edit's history line (`op`, `detail`) is committed with
         the rows (no second commit). Refused keys raise UserError and change nothing.
