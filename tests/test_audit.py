@@ -97,3 +97,37 @@ def test_vmem_audit_exit_codes(tmp_path):
     out = run()
     assert out.returncode == 1 and "audit: traces found" in out.stdout, out.stdout + out.stderr[-3000:]
     assert all(f"trace: {u}" in out.stderr for u in planted)
+
+
+def _audit_on_two_nodes(memory_dir, out_path):
+    """Spawned: a 2-node local Ray cluster (Ray's own `cluster_utils`, two raylets), then the audit on it."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from pipeline.memory.audit import run_audit
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=1)
+    try:
+        ray.init(address=cluster.address, log_to_driver=False)
+        cluster.wait_for_nodes()
+        report = run_audit(memory_dir, progress=False, files_per_task=2)
+        with open(out_path, "w") as f:
+            json.dump({"nodes": len(ray.nodes()), **{k: report[k] for k in ("verdict", "files", "ray_nodes")}}, f)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def test_audit_spreads_over_a_two_node_ray_cluster(tmp_path):
+    import multiprocessing as mp
+
+    root = str(tmp_path / "work")
+    _erased_workdir(root)
+    out = tmp_path / "out.json"
+    p = mp.get_context("spawn").Process(target=_audit_on_two_nodes, args=(storage.join(root, "memory"), str(out)))
+    p.start()
+    p.join(600)
+    assert p.exitcode == 0
+    r = json.loads(out.read_text())
+    assert r["nodes"] == 2 and r["ray_nodes"] == 2 and r["verdict"] == "clean" and r["files"] > 30

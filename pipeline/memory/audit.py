@@ -103,7 +103,14 @@ def _scan_batch(urls: List[str], matcher: Matcher, env: dict) -> List[dict]:
     """One Ray task: scan these files (one read each)."""
     import os
 
+    import ray
+
     os.environ.update(env)
+    node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    return [dict(r, node=node) for r in _scan_files(urls, matcher)]
+
+
+def _scan_files(urls: List[str], matcher: Matcher) -> List[dict]:
     out = []
     for url in urls:
         try:
@@ -221,6 +228,7 @@ def run_audit(memory_dir: str, cfg=None, ids: Iterable[int] = (), restart: bool 
               "files": sum(1 for u in files if u in done and not done[u].get("gone")),
               "table_versions": len(tables),
               "large_files_not_read": sum(1 for r in results if r.get("raw") is False),
+              "ray_nodes": len({r["node"] for r in done.values() if r.get("node")}),
               "bytes": int(sum(r.get("bytes", 0) for r in results)),
               "ids_checked": {"erased_digests": len(matcher.digests), "explicit_ids": int(len(matcher.ids))},
               "id_values_seen": int(sum(r.get("ids", 0) for r in results)),
