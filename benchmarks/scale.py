@@ -316,10 +316,11 @@ def worker(step: str, workdir: str, n: int, dim: int) -> dict:
             ms.append((time.perf_counter() - t) * 1000)
         return {f"add_{k}": v for k, v in _pct(ms).items()}
     if step == "delete":
-        # Spread over every part and shard; never row 0, whose id 2^61 is 7 zero bytes and a 0x20 (any binary
-        # file holds that: erasure's raw-bytes check rightly calls it a trace; real ids are 63-bit hashes).
-        step = max(1, n // EDITS)
-        ids = base_ids(0, n)[step // 2:: step][:EDITS]
+        # Random rows: every part and every shard (a regular stride of even rows gave even ids, all in shard
+        # 0); never row 0, whose id 2^61 is 7 zero bytes and a 0x20 (any binary file holds that: erasure's
+        # raw-bytes check rightly calls it a trace; real ids are 63-bit hashes).
+        rows = np.random.default_rng(7).choice(np.arange(1, n), size=min(EDITS, n - 1), replace=False)
+        ids = base_ids(0, n)[np.sort(rows)]
         ms = []
         for i in ids:
             t = time.perf_counter()
