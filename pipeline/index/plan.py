@@ -131,20 +131,22 @@ def plan_memory(items, dim: int, ram_per_node, index_key: Optional[str] = None, 
     figures = load_measured(measured) if measured else None
     return Plan(n, d, key, cost.bytes_per_item, cost.fixed_bytes, n * cost.bytes_per_item + cost.fixed_bytes,
                 ram, shards, nodes, per_shard, choice.rerank, disk, n * disk, ingress, driver, n * ITEM_ROW_BYTES,
-                measured_costs(figures, n, run_nodes, cores_per_node) if figures else None)
+                measured_costs(figures, n, run_nodes, cores_per_node, shards) if figures else None)
 
 
 # ---------------------------------------------------------------- measured figures (benchmarks/scale.py)
 
 # (figure, step, what, unit, model, spread). model: "linear" = fixed + per_item * items (times and RSS of work
 # that reads every item); "power" = c * items^a (latencies, which should grow slower than the memory: a straight
-# line would claim more than was measured); "per_item" = already a per-item figure (the largest size's).
+# line would claim more than was measured); "per_item" = already a per-item figure (the largest size's);
+# "per_shard" = linear in the items of one shard (a process that holds one shard: measured at items / the run's
+# shards, evaluated at items / the plan's shards).
 # spread: the per-item work runs as Ray tasks on every core of the cluster, so it divides by nodes x cores /
 # the cores measured on.
 FIGURES: List[Tuple[str, str, str, str, str, bool]] = [
     ("build (vmem build)", "build", "wall_s", "s", "linear", True),
     ("build driver RSS", "build", "rss:driver", "B", "linear", False),
-    ("populate task RSS (largest)", "build", "rss:ray::populate_shard", "B", "linear", False),
+    ("populate task RSS (largest)", "build", "rss:ray::populate_shard", "B", "per_shard", False),
     ("fresh open + first query", "open", "open_first_query_s", "s", "power", False),
     ("query p50, in-process search", "query", "query_p50_ms", "ms", "power", False),
     ("query process RSS (index in-process)", "query", "rss:driver", "B", "linear", False),
@@ -155,7 +157,7 @@ FIGURES: List[Tuple[str, str, str, str, str, bool]] = [
     ("audit (whole workdir, Ray tasks)", "audit", "wall_s", "s", "linear", True),
     ("eval of 10k queries", "eval", "wall_s", "s", "power", False),
     ("serve: ingress replica RSS", "serve", "rss:ray::ServeReplica:vmem:ingress", "B", "linear", False),
-    ("serve: shard replica RSS (largest)", "serve", "rss:ray::ServeReplica:vmem:shard", "B", "linear", False),
+    ("serve: shard replica RSS (largest)", "serve", "rss:ray::ServeReplica:vmem:shard", "B", "per_shard", False),
     ("disk per item (parts + memory)", "build", "disk_bytes_per_item", "B/item", "per_item", False),
 ]
 
@@ -184,14 +186,15 @@ def _value(record: dict, what: str) -> Optional[float]:
     return float(v) if isinstance(v, (int, float)) else None
 
 
-def _series(data: dict, step: str, what: str) -> List[Tuple[int, float]]:
+def _series(data: dict, step: str, what: str, per_shard: bool = False) -> List[Tuple[int, float]]:
     pts = []
     for size in data["sizes"].values():
         rec = size.get("steps", {}).get(step)
         if rec and rec.get("status") == "ok":
             v = _value(rec, what)
             if v is not None:
-                pts.append((int(size["items"]), v))
+                n = int(size["items"])
+                pts.append((n // int(size.get("shards", 2)) if per_shard else n, v))
     return sorted(pts)
 
 
@@ -218,7 +221,7 @@ def power_fit(points: List[Tuple[int, float]]) -> Tuple[float, float]:
     return v2 / n2 ** a, a
 
 
-def measured_costs(data: dict, items: int, nodes: int = 1, cores_per_node: int = 32) -> dict:
+def measured_costs(data: dict, items: int, nodes: int = 1, cores_per_node: int = 32, shards: int = 1) -> dict:
     """Each measured figure at `items` on `nodes` x `cores_per_node`: value, how it was got (basis), the sizes.
 
     Measured: the plan's size was run (and, for spread work, on as many cores). One size measured: that value,
@@ -227,14 +230,16 @@ def measured_costs(data: dict, items: int, nodes: int = 1, cores_per_node: int =
     cores_measured = int(m.get("host_cpus") or 2)
     rows: List[Dict] = []
     for name, step, what, unit, model, spread in FIGURES:
-        pts = _series(data, step, what)
+        pts = _series(data, step, what, per_shard=model == "per_shard")
         if not pts:
             continue
+        at = -(-items // max(1, shards)) if model == "per_shard" else items  # a shard's items, or all
         scale = cores_measured / (nodes * cores_per_node) if spread else 1.0
-        exact = [v for n, v in pts if n == items]
+        exact = [v for n, v in pts if n == at]
         growth = pts[-1][1] / pts[-2][1] if len(pts) > 1 and pts[-2][1] else None
         fixed = per_item = None
-        span = f"x{items / pts[-1][0]:,.0f} beyond the largest size measured ({_count(pts[-1][0])})"
+        span = f"x{at / pts[-1][0]:,.0f} beyond the largest {'shard' if model == 'per_shard' else 'size'} " \
+               f"measured ({_count(pts[-1][0])})"
         if exact and scale == 1.0:
             value, basis = exact[0], "measured"
         elif model == "per_item":
@@ -243,12 +248,14 @@ def measured_costs(data: dict, items: int, nodes: int = 1, cores_per_node: int =
             value, basis = pts[0][1], f"measured at {_count(pts[0][0])} only: growth unknown, not extrapolated"
         elif model == "power":
             c, a = power_fit(pts)
-            value = c * items ** a
+            value = c * at ** a
             basis = f"extrapolated {span}: items^{a:.2f} through {_count(pts[-2][0])}, {_count(pts[-1][0])}"
         else:
             fixed, per_item = fit(pts)
-            value = fixed + per_item * items * scale
-            basis = (f"extrapolated {span}: fixed + per item through {_count(pts[-2][0])}, {_count(pts[-1][0])}"
+            value = fixed + per_item * at * scale
+            slope = f" (+{per_item:,.1f} B/item)" if unit == "B" else ""
+            basis = (f"extrapolated {span}: fixed + per item{slope} through {_count(pts[-2][0])}, "
+                     f"{_count(pts[-1][0])}"
                      + (f"; per-item work over {nodes} x {cores_per_node} cores (measured on {cores_measured})"
                         if spread else ""))
         rows.append({"figure": name, "unit": unit, "value": value, "fixed": fixed, "per_item": per_item,
