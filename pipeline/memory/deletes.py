@@ -8,13 +8,13 @@ these functions:
   items with that source;
 - a delete is one append to the forget list (the commit point), final: searches exclude the ids inside faiss
   at once, compaction drops them, erasure removes every trace, a rebuild leaves them out, a rollback cannot
-  bring them back, and an add of a deleted key is refused (`refuse_deleted`).
+  bring them back, and an add of a deleted key is refused (by the state at commit time:
+  `MemoryState.add_items`).
 """
 from __future__ import annotations
 
 from typing import Iterable, List, Optional, Sequence
 
-import numpy as np
 
 from pipeline.errors import NotFound, UserError
 from pipeline.memory.snapshot import Snapshot
@@ -54,15 +54,8 @@ def forget(state: MemoryState, snap: Snapshot, ids: Sequence[int], reason: str =
     """Put the live ones of `ids` on the forget list (one commit); returns how many were live."""
     rows = snap.live_rows(sorted({int(i) for i in ids}), ["id", "key", "shard"])
     if rows.num_rows:
-        # The history line names no item: it must hold nothing erasure would have to find.
-        state.forget(rows.select(["id", "key", "shard"]), reason=reason)
-        state.record(reason, f"{rows.num_rows} item(s) {detail}".strip())
+        # One commit, the history line with it; the line names no item: it must hold nothing erasure would
+        # have to find.
+        state.forget(rows.select(["id", "key", "shard"]), reason=reason,
+                     detail=f"{rows.num_rows} item(s) {detail}".strip())
     return rows.num_rows
-
-
-def refuse_deleted(state: MemoryState, ids: Sequence[int], keys: Sequence[str]) -> None:
-    """UserError when one of `ids` was ever deleted (deletion is final: re-adding under that key is refused)."""
-    gone = state.is_forgotten(list(ids))
-    if np.any(gone):
-        j = int(np.flatnonzero(gone)[0])
-        raise UserError(f"key {keys[j]!r} (id {ids[j]}) was deleted, and deletion is final: add it under a new key")

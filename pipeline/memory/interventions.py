@@ -29,8 +29,6 @@ def intervene(state: MemoryState, snap: Snapshot, item_weights: Optional[Dict[in
              for i, lab in (relabel or {}).items()]
     rows += [{"kind": "label_weight", "target": int(l), "weight": float(w)} for l, w in (label_weights or {}).items()]
     rows += [{"kind": "source_weight", "target": str(s), "weight": float(w)} for s, w in (source_weights or {}).items()]
-    version = state.set_overlays(rows)
-    state.record("clear" if clear and len(rows) == 1 else ("relabel" if relabel and len(rows) == len(relabel)
-                                                               else "intervene"),
-                     f"{len(rows)} overlay row(s)")
-    return version
+    op = "clear" if clear and len(rows) == 1 else \
+        ("relabel" if relabel and len(rows) == len(relabel) else "intervene")
+    return state.set_overlays(rows, op=op, detail=f"{len(rows)} overlay row(s)")  # one commit, history with it
