@@ -1,6 +1,6 @@
 """Edit soak: many single-item adds and deletes on one memory, through the Python API; does it stay small and fast?
 
-On a copy of a memory (the demo memory `work/memory` when `vmem demo` built it, else a synthetic one of
+On a copy of a memory (the demo memory `work/demo/memory` when `vmem demo` built it, else a synthetic one of
 `--items` x `--dim`), N rounds of: one single-item add (a new key) and one single-item delete (the oldest item
 added by the soak, once `--pool` of them are live). Beside the edits, a thread plays the memory's background
 maintenance every `--maintain-s`: `MemoryState.maintain()` (state-table upkeep) and, when the memory asks for
@@ -123,7 +123,7 @@ def source_memory(args, root: str) -> tuple:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=100_000)
-    ap.add_argument("--memory", default="work/memory", help="memory to copy (default: the demo memory)")
+    ap.add_argument("--memory", default="work/demo/memory", help="memory to copy (default: the demo memory)")
     ap.add_argument("--items", type=int, default=20_000, help="synthetic memory size when there is no demo")
     ap.add_argument("--dim", type=int, default=256)
     ap.add_argument("--window", type=int, default=0, help="rounds measured at start and end (default rounds/5, "

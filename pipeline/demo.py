@@ -136,7 +136,7 @@ def run_demo(cfg: Config) -> dict:
     if report:
         erasure = report.get("erasure", {})
         print(f"compact: memory v{report['version']} written in {report['seconds']:.2f} s; {report['erased_ids']} "
-              f"deleted ids erased, verified absent from every live file: {erasure.get('verified')}")
+              f"deleted ids erased, verified absent from every file that held them: {erasure.get('verified')}")
 
     _banner("6/6 summary")
     stats = mem.stats()

@@ -44,9 +44,12 @@ class Upkeep:
         """A write finished: check soon whether maintenance is due."""
         self._wake.set()
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 60.0) -> None:
+        """Stop the thread, waiting up to `timeout_s` for a maintenance run in progress to finish."""
         self._stop.set()
         self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
