@@ -202,7 +202,7 @@ def run_audit(memory_dir: str, cfg=None, ids: Iterable[int] = (), restart: bool 
             init_ray(cfg)
         else:
             ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    task = ray.remote(num_cpus=1)(_scan_batch)
+    task = ray.remote(num_cpus=1, scheduling_strategy="SPREAD")(_scan_batch)  # over every node
     m_ref = ray.put(matcher)
     env = storage.worker_env()
     batches = [todo[i:i + files_per_task] for i in range(0, len(todo), files_per_task)]
