@@ -179,12 +179,6 @@ def erase_due(memory_dir: str, state: MemoryState, cfg=None, now: Optional[float
     return [st["report"]] if st["status"] == "erased" else []
 
 
-def erase(memory_dir: str, state: MemoryState, pending: dict, cfg=None) -> Optional[dict]:
-    """Erase the due backlog (which holds `pending`, an entry `schedule` returned); its summary, or None when
-    the erasure was deferred (another eraser holds the lease, or the grace period runs)."""
-    return next(iter(erase_due(memory_dir, state, cfg)), None)
-
-
 def hold(memory_dir: str, role: str, timeout_s: float) -> leases.Lease:
     """The erasure lease for another exclusive step (a build's commit), waiting up to `timeout_s` for a live
     eraser; a dead one is taken over at once. Raises `lease.LeaseHeld` naming the holder."""
