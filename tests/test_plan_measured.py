@@ -76,3 +76,15 @@ def test_plan_prints_measured_section_and_refuses_bad_files(tmp_path):
     bad.write_text("[1, 2]")
     with pytest.raises(UserError, match="not a benchmarks/scale.py results file"):
         plan_memory("1e6", 384, "16GiB", measured=str(bad))
+
+
+def test_shard_processes_are_sized_by_items_per_shard(tmp_path):
+    path = _results(tmp_path, {100_000: (100.0, 1 << 30), 1_000_000: (1000.0, 2 << 30)})
+    data = load_measured(path)
+    for n in ("100000", "1000000"):  # a populate task of 1 GiB at 50k items per shard, 4 GiB at 500k
+        data["sizes"][n]["steps"]["build"]["rss"]["ray::populate_shard"] = (1 << 30) * (1 if n == "100000" else 4)
+    rows = {r["figure"]: r for r in measured_costs(data, 10 ** 9, nodes=8, shards=2000)["rows"]}
+    task = rows["populate task RSS (largest)"]
+    assert [n for n, _ in task["measured"]] == [50_000, 500_000]
+    assert task["value"] == pytest.approx(4 * (1 << 30))  # 1e9 / 2000 shards = 500k per shard: measured
+    assert task["basis"] == "measured"
