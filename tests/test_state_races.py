@@ -325,3 +325,23 @@ def test_first_writes_from_four_processes_lose_no_row(tmp_path):
         for p in ps:
             p.join(60)
         assert {int(r["detail"]) for r in MemoryState(d)[EDITS].read().to_pylist()} == pids
+
+
+def test_unique_adds_history_and_upkeep_on_s3(s3_server):
+    """The same on the S3 test server: creation, unique adds, history in the commits, upkeep, look-ups."""
+    import uuid
+
+    state = MemoryState(f"s3://vmem-test/{uuid.uuid4().hex}/memory")
+    for i in range(1, 25):
+        _add(state, i)
+    _forget(state, [3, 4])
+    before = [(e["op"], e["at"]) for e in state.edits()]
+    done = state.maintain(force=True, upkeep=Upkeep(small_max=2, retention_s=0.0, max_unindexed_rows=1))
+    assert done[ITEMS]["fragments_merged"] > 0 and done[ITEMS]["versions_removed"] > 0
+    assert [(e["op"], e["at"]) for e in state.edits()] == before and len(before) == 25
+    with pytest.raises(UserError, match="already in the memory"):
+        _add(state, 5)
+    with pytest.raises(UserError, match="deletion is final"):
+        _add(state, 3)
+    assert state.is_forgotten([2, 3, 4, 5]).tolist() == [False, True, True, False]
+    assert sorted(state[ITEMS].read(["id"]).column("id").to_pylist()) == list(range(1, 25))
