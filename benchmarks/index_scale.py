@@ -14,7 +14,8 @@ all vectors in chunks), router QPS (batched) and p50/p99 single-query latency, a
 faiss index holding all vectors (same trained index, same nprobe, same re-rank depth) in the same run, with
 the router/single ratio. `--peers` adds, in the same run and on the same vectors and queries: plain faiss
 `IVF4096,PQ32` at nprobe 16, the same + `IndexRefineFlat` (100 candidates re-ranked from float vectors in
-RAM) and `IVF4096,RaBitQ` + this project's re-rank (100 candidates, vectors on disk), and prints one table:
+RAM), `IVF4096,RaBitQ`, `IVF4096,RaBitQfs` and `IVF4096,PQ{d/4}x4fs` + this project's re-rank (100
+candidates, vectors on disk), and prints one table:
 recall@10, QPS, RAM bytes/item, disk bytes/item, build seconds.
 Writes the figures as JSON next to the memory (`<workdir>/index_scale.json`).
 """
@@ -134,6 +135,7 @@ def main() -> int:
     ap.add_argument("--noise", type=float, default=0.5, help="hard data: norm of the isotropic noise")
     ap.add_argument("--peers", action="store_true", help="also measure plain faiss IVF-PQ, + refine, RaBitQ")
     ap.add_argument("--peer-nprobe", type=int, default=16)
+    ap.add_argument("--peer-nlist", type=int, default=4096, help="inverted lists of the faiss peers")
     ap.add_argument("--peer-candidates", type=int, default=100)
     ap.add_argument("--peer-pq", type=int, default=32, help="PQ code bytes of the faiss peers")
     ap.add_argument("--keep", action="store_true", help="keep the generated data and memory")
@@ -256,7 +258,7 @@ def peers(args, xb: np.ndarray, xids: np.ndarray, xq: np.ndarray, gt: np.ndarray
     n, d, k, c = len(xb), xb.shape[1], args.k, args.peer_candidates
     rng = np.random.default_rng(2)
     xt = xb[rng.choice(n, size=min(n, args.train_sample), replace=False)]
-    nlist = 4096
+    nlist = int(args.peer_nlist)
     out = {}
     t = time.perf_counter()
     pq = faiss.index_factory(d, f"IVF{nlist},PQ{args.peer_pq}", faiss.METRIC_INNER_PRODUCT)
@@ -296,6 +298,25 @@ def peers(args, xb: np.ndarray, xids: np.ndarray, xq: np.ndarray, gt: np.ndarray
         "recall@10": recall_at(rbq_search(xq), gt, 10), "qps": round(qps(rbq_search, xq)),
         "ram_bytes_per_item": round(len(faiss.serialize_index(rbq)) / n, 1),
         "disk_bytes_per_item": 4.0 * d, "build_s": round(rbq_build, 1)}  # + the PQ peer's quantizer
+    # faiss 1.15's other codes at about the same bytes, on the PQ peer's trained quantizer (IndexIVF::train
+    # skips a quantizer that is trained and full): fast-scan RaBitQ and fast-scan PQ, + the same re-rank
+    for code in ("RaBitQfs", f"PQ{d // 4}x4fs"):
+        t = time.perf_counter()
+        other = faiss.index_factory(d, f"IVF{nlist},{code}", faiss.METRIC_INNER_PRODUCT)
+        other.quantizer = pq.quantizer  # pq outlives `other`; not owned, so not freed twice
+        other.own_fields = False
+        other.train(xt)
+        other.add(xb)
+        other_build = time.perf_counter() - t
+
+        def other_search(q, index=other):
+            _, I = index.search(q, c, params=params)
+            return rerank(q, I, ids, xb, k)[1]
+
+        out[f"faiss IVF{nlist},{code} + re-rank ({c} cand.)"] = {
+            "recall@10": recall_at(other_search(xq), gt, 10), "qps": round(qps(other_search, xq)),
+            "ram_bytes_per_item": round(len(faiss.serialize_index(other)) / n, 1),
+            "disk_bytes_per_item": 4.0 * d, "build_s": round(other_build, 1)}
     return out
 
 
