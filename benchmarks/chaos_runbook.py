@@ -33,7 +33,8 @@ def _row(label: str, res: chaos.ChaosResult, seconds: float) -> dict:
         "ops": res.report.stats.get("ops", 0), "acks": res.report.stats.get("acks", 0), "errors": dict(res.errors),
         "kills": int(bool(res.steps.get("serve", {}).get("killed"))),
         "lost": res.report.counts.get("acked_write_lost", 0),
-        "resurrected": res.report.counts.get("deleted_id_returned", 0), "duplicates": 0, "reports": "-",
+        "resurrected": res.report.counts.get("deleted_id_returned", 0),
+        "duplicates": res.report.stats.get("duplicates", 0), "reports": "-",
         "violations": sum(res.report.counts.values())}
     after = res.steps.get("kill_eraser", {}).get("seconds_after_kill")
     return {"run": label, **row, "erased_after_kill_s": after, "seconds": round(seconds), "ok": res.ok}
@@ -44,8 +45,8 @@ def _print_table(rows: list) -> None:
     print("\n" + " | ".join(head))
     print(" | ".join("---" for _ in head))
     for r in rows:
-        print(" | ".join([r["run"]] + [str(r[c]) for c in COLUMNS] +
-                         [r["reports"], str(r["erased_after_kill_s"]), str(r["seconds"]), "ok" if r["ok"] else "FAILED"]))
+        tail = [r["reports"], str(r["erased_after_kill_s"]), str(r["seconds"]), "ok" if r["ok"] else "FAILED"]
+        print(" | ".join([r["run"]] + [str(r[c]) for c in COLUMNS] + tail))
     errors = Counter()
     for r in rows:
         errors.update(r["errors"])

@@ -407,16 +407,11 @@ def _kill_eraser_step(world: rb.World, ops: ChaosOps, res: ChaosResult) -> None:
         report.fail("build_after_kill_failed", _last_line(out.stderr))
 
 
-def _check_after(world: rb.World, res: ChaosResult, broken: set) -> None:
-    """Chaos checks beside the oracle's: duplicate ids, live count, erasure reports, an independent scan."""
-    from erasure_scan import Needles, list_files, scan_tree
-    from pipeline import storage
+def check_counts(world: rb.World, items: Dict[int, Item], report: Report) -> None:
+    """0 duplicate ids in the item table; the memory's live count equals the oracle's (after its check)."""
     from pipeline.memory import VisualMemory
     from pipeline.memory.state import ITEMS
 
-    report, items = res.report, res.report.items
-    if not items:  # the memory did not open (reported by verify)
-        return
     cfg = world.config()
     mem = VisualMemory.open(cfg.memory_dir, cfg=cfg)
     ids = mem.state[ITEMS].dataset().to_table(columns=["id"]).column("id").to_numpy()
@@ -429,6 +424,17 @@ def _check_after(world: rb.World, res: ChaosResult, broken: set) -> None:
     if stats["live_items"] != live:
         report.fail("count_differs_from_oracle", f"memory says {stats['live_items']} live items, oracle {live}")
     rb._close(mem)
+
+
+def _check_after(world: rb.World, res: ChaosResult, broken: set) -> None:
+    """Chaos checks beside the oracle's: duplicate ids, live count, erasure reports, an independent scan."""
+    from erasure_scan import Needles, list_files, scan_tree
+    from pipeline import storage
+
+    report, items = res.report, res.report.items
+    if not items:  # the memory did not open (reported by verify)
+        return
+    check_counts(world, items, report)
 
     reports = [u for u in list_files(world.workdir) if "/erasure/report-" in u and u.endswith(".json")]
     verified = 0
@@ -528,6 +534,44 @@ def _http_writer(base: str, world: rb.World, seed: int, w: int, stop: threading.
         log.append(rec)
 
 
+def _http_races(base: str, world: rb.World, rounds: int, racers: int, report: Report) -> List[dict]:
+    """Same key through HTTP from `racers` threads at once (new connections: both ingress replicas): exactly
+    one 201 per key, every other answer the duplicate-key refusal (422 "already in the memory")."""
+    import httpx
+
+    from pipeline.data.ids import stable_id
+
+    log: List[dict] = []
+    for rnd in range(rounds):
+        barrier, answers = threading.Barrier(racers), [None] * racers
+
+        def post(p: int) -> None:
+            key, x = race_item(world, world.seed, rnd, p)
+            barrier.wait(120)
+            try:
+                r = httpx.post(f"{base}/v1/items", json={"embedding": x.tolist(), "label": RACE_LABEL, "key": key,
+                                                          "source": "race"},
+                               headers={"Authorization": "Bearer chaos-token"}, timeout=120)
+                answers[p] = (r.status_code, r.text)
+            except httpx.HTTPError as e:
+                answers[p] = (type(e).__name__, str(e))
+
+        threads = [threading.Thread(target=post, args=(p,)) for p in range(racers)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(300)
+        won = [p for p, a in enumerate(answers) if a and a[0] == 201]
+        if len(won) != 1:
+            report.fail("same_key_acks_not_one", f"HTTP round {rnd}: {len(won)} answers 201: {answers}")
+        for p, a in enumerate(answers):
+            if p not in won and not (a and a[0] == 422 and ALREADY in a[1]):
+                report.fail("same_key_wrong_error", f"HTTP round {rnd} racer {p}: {a}")
+        key, _ = race_item(world, world.seed, rnd, 0)
+        log += [{"op": "race", "p": p, "rnd": rnd, "id": stable_id(key), "acked": len(won) == 1} for p in won]
+    return log
+
+
 def _http_get(base: str, i: int, timeout_s: float = 180) -> int:
     """GET /v1/items/<i>'s status, retried while the service is restarting a replica (5xx, connection)."""
     import httpx
@@ -546,9 +590,10 @@ def _http_get(base: str, i: int, timeout_s: float = 180) -> int:
 
 
 def serve_chaos(world: rb.World, seconds: float = 40, writers: int = 2, kill_after_s: float = 10,
-                start_timeout_s: float = 300) -> ChaosResult:
+                start_timeout_s: float = 300, race_rounds: int = 4) -> ChaosResult:
     """`vmem serve` (2 ingress replicas behind HAProxy) under HTTP writes; one ingress replica SIGKILLed; then
-    every acked add is found (HTTP and a fresh open after the stop) and every acked delete is gone."""
+    same-key HTTP races (exactly one 201 per key), every acked add is found (HTTP and a fresh open after the
+    stop) and every acked delete is gone."""
     import uuid
 
     from pipeline.memory.synthetic import build_synthetic_memory
@@ -589,10 +634,11 @@ def serve_chaos(world: rb.World, seconds: float = 40, writers: int = 2, kill_aft
         stop.set()
         for t in threads:
             t.join(300)
+        log += _http_races(base, world, race_rounds, 4, report)
         # through HTTP, whichever replica answers: acked adds found, acked deletes gone
         items = _http_oracle(world, log)
         for i, it in items.items():
-            if it.source != "http" and it.state == LIVE:
+            if it.source == "base" and it.state == LIVE:
                 continue  # base items: checked after the stop
             code = _http_get(base, i)
             if it.state == LIVE and code != 200:
@@ -614,13 +660,15 @@ def serve_chaos(world: rb.World, seconds: float = 40, writers: int = 2, kill_aft
             except OSError:
                 pass
     sub = Report()
-    check_memory(world, _http_oracle(world, log), sub)  # a fresh open: every property of the oracle
+    items = _http_oracle(world, log)
+    check_memory(world, items, sub)  # a fresh open: every property of the oracle
+    check_counts(world, items, sub)
     report.counts.update(sub.counts)
     for prop, ex in sub.examples.items():
         report.examples[prop].extend(ex)
-    acks = sum(r["acked"] for r in log)
+    acks = sum(r["acked"] for r in log if r["op"] != "race")
     report.stats.update(sub.stats, ops=len(log), acks=acks, killed=res.steps["serve"].get("killed"))
-    res.errors.update(str(r["status"]) for r in log if not r["acked"])
+    res.errors.update(str(r["status"]) for r in log if not r["acked"] and r["op"] != "race")
     return res
 
 
@@ -646,6 +694,9 @@ def _http_oracle(world: rb.World, log: List[dict]) -> Dict[int, Item]:
         if rec["op"] == "add":
             _, x = _http_item(world, world.seed, rec["w"], rec["n"])
             items[rec["id"]] = Item(x, "http", {HTTP_LABEL}, LIVE if rec["acked"] else MAYBE)
+        elif rec["op"] == "race":
+            _, x = race_item(world, world.seed, rec["rnd"], rec["p"])
+            items[rec["id"]] = Item(x, "race", {RACE_LABEL}, LIVE if rec["acked"] else MAYBE)
         elif rec["id"] in items and items[rec["id"]].state != DEAD:
             items[rec["id"]].state = DEAD if rec["acked"] else MAYBE
     return items

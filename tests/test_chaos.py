@@ -47,3 +47,18 @@ def test_serve_replica_killed_during_http_writes(tmp_path):
     res = chaos.serve_chaos(world, seconds=40, kill_after_s=12)
     assert res.ok, f"{res.report.format()}\nsteps: {res.steps}"
     assert res.steps["serve"].get("killed") and res.report.stats["acks"] > 0
+
+
+def test_the_race_judge_catches_two_acks_and_a_wrong_refusal(tmp_path):
+    """The harness can fail: a key acked twice, a loser refused for another reason, a racer that died."""
+    from runbook_oracle import Report
+
+    world = rb.World(workdir=str(tmp_path / "w"), n_base=40)
+    plan = chaos.ChaosPlan(seed=1, race_processes=3, race_rounds=1)
+    ack = {"i": 0, "phase": "ack", "key": "race1-r0", "ids": [7]}
+    journals = [[ack, {"i": 1, "phase": "done"}], [ack, {"i": 1, "phase": "done"}],
+                [{"i": 0, "phase": "err", "kind": "OSError", "error": "disk full"}]]
+    report = Report()
+    items = chaos.judge_races(world, plan, journals, [0, 0, -9], report)
+    assert set(report.counts) == {"same_key_acks_not_one", "same_key_wrong_error", "racer_crashed_or_hung"}
+    assert items[7].state == chaos.MAYBE  # two vectors acked for one id: neither is sure
