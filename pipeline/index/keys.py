@@ -186,27 +186,27 @@ def choose_index(auto_key: Optional[str], n: int, d: int, budget_bytes: int, max
             key, kind, code = "IVF1,SQ8", "scan", "8-bit codes fit the budget (float vectors do not): re-rank"
         reason = f"{scan} <= half of index.max_latency_ms ({max_latency_ms:g}): one list (no IVF); {code}"
         return IndexChoice(key, kind, reason, _rerank_on(rerank, key))
+    why_ivf = (f"{scan}, but only compressed codes fit the budget ({per_item:.0f} bytes per item): IVF, not a "
+               f"full scan of the codes per query" if fits_scan else
+               f"{scan} > half of index.max_latency_ms ({max_latency_ms:g}): IVF")
+    if sample is not None:
+        keys = candidate_keys(n, d, budget_bytes, train_n, auto_key=auto_key, gpu=gpu)
+        xs = (sample() if callable(sample) else sample) if len(keys) > 1 else None
+        if xs is not None and len(xs) >= MIN_MEASURE_SAMPLE:
+            rows = measure_candidates(xs, keys, K, target, metric=metric, rerank=rerank)
+            best = pick(rows)
+            got = (f"reaches recall {best['recall']:.3f} >= {target:g} at K={K}" if best["reached"] else
+                   f"no candidate reaches recall {target:g} at K={K}: best recall {best['recall']:.3f}")
+            reason = (f"{why_ivf}; measured {len(rows)} codes that fit {per_item:.0f} budget bytes per item on "
+                      f"{best['sample']:,} sample vectors: {best['key']} {got}, {best['ms_per_query']:.3f} CPU "
+                      f"ms/query (nprobe {best['nprobe']}/{best['sample_nlist']}, re-rank {best['rerank_k']})")
+            return IndexChoice(best["key"], "measured", reason, _rerank_pays(rerank, best, target), rows)
     key = resolve_index_key(auto_key, n, d, budget_bytes, train_n)
     if fits_scan:  # a full PQ scan per query would cost ~nlist / nprobe times an IVF's work for the same recall
         reason = (f"{scan}, but only PQ codes fit the budget ({per_item:.0f} bytes per item): IVF with "
                   f"{key_cost(key, d).nlist} lists and re-rank, not a full scan of the codes per query")
         return IndexChoice(key, "ivf", reason, _rerank_on(rerank, key))
-    if sample is not None:
-        keys = candidate_keys(n, d, budget_bytes, train_n, auto_key=auto_key, gpu=gpu)
-        if len(keys) > 1:
-            xs = sample() if callable(sample) else sample
-            rows = measure_candidates(xs, keys, K, target, metric=metric, rerank=rerank)
-            best = pick(rows)
-            why = (f"reaches recall {best['recall']:.3f} >= {target:g} at K={K}" if best["reached"] else
-                   f"no candidate reaches recall {target:g} at K={K}: best recall {best['recall']:.3f}")
-            reason = (f"{scan} > half of index.max_latency_ms ({max_latency_ms:g}); measured {len(rows)} codes "
-                      f"that fit {per_item:.0f} budget bytes per item on {best['sample']:,} sample vectors: "
-                      f"{best['key']} {why}, {best['ms_per_query']:.3f} CPU ms/query (nprobe {best['nprobe']}/"
-                      f"{best['sample_nlist']}, re-rank {best['rerank_k']})")
-            return IndexChoice(best["key"], "measured", reason, _rerank_pays(rerank, best, target), rows)
-    key = resolve_index_key(auto_key, n, d, budget_bytes, train_n)
-    reason = (f"{scan} > half of index.max_latency_ms ({max_latency_ms:g}): IVF with "
-              f"{key_cost(key, d).nlist} lists; codes from {per_item:.0f} budget bytes per item")
+    reason = f"{why_ivf} with {key_cost(key, d).nlist} lists; codes from {per_item:.0f} budget bytes per item"
     return IndexChoice(key, "ivf", reason, _rerank_on(rerank, key))
 
 
@@ -216,6 +216,7 @@ RERANK_MARGIN = 0.02    # re-rank stays on unless the codes alone beat the targe
 MEASURE_BASE = 20000    # sample vectors indexed per candidate (the rest of a bigger sample is not used)
 MEASURE_QUERIES = 200   # sample vectors used as queries (not indexed)
 RABITQ_MAX_BITS = 9     # faiss 1.15: RaBitQ codes have 1..9 bits per dimension
+MIN_MEASURE_SAMPLE = 2 * MIN_POINTS_PER_LIST + 2  # fewer vectors: the static rule decides
 
 
 def _divisors_desc(d: int, most: int) -> List[int]:
@@ -297,8 +298,8 @@ def measure_candidates(xs: np.ndarray, keys: Sequence[str], K: int, target: floa
     from pipeline.index.rerank import rerank as rerank_fn
 
     xs = np.ascontiguousarray(xs, dtype=np.float32)
-    if len(xs) < 2 * MIN_POINTS_PER_LIST + 2:
-        raise UserError(f"a measured index choice needs a sample of at least {2 * MIN_POINTS_PER_LIST + 2} "
+    if len(xs) < MIN_MEASURE_SAMPLE:
+        raise UserError(f"a measured index choice needs a sample of at least {MIN_MEASURE_SAMPLE} "
                         f"vectors, got {len(xs)}")
     rng = np.random.default_rng(seed)
     order = rng.permutation(len(xs))
