@@ -194,6 +194,8 @@ def test_no_sample_or_one_candidate_keeps_the_static_rule():
     assert c.key == "IVF1,Flat" and not called  # a scan fits: one list, nothing measured, nothing read
     c = choose_index(None, 1_000_000, D, 1_000_000 * 60, 1.0, train_n=100_000, scan_ms=1e-5)
     assert c.kind == "ivf"  # no sample: the static rule
+    c = choose_index(None, 1_000_000, D, 1_000_000 * 80, 1.0, train_n=100_000, sample=s.xb[:50], scan_ms=1e-5)
+    assert c.kind == "ivf" and c.key.endswith(",SQ8")  # a sample too small to measure: the static rule
 
 
 def test_measure_candidates_rejects_a_tiny_sample():
