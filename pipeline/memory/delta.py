@@ -8,7 +8,7 @@ incrementally: Lance fragments are immutable, so on a new table version only fra
 when a seen fragment disappears (Lance compaction, or an update that rewrote rows) the delta is read again
 from scratch.
 
-A view is a tuple of immutable chunks, each an exact faiss index over some rows. A new chunk per catch-up
+A view is a tuple of immutable chunks, each some rows searched exactly (a matrix product). A new chunk per catch-up
 keeps an edit's cost proportional to the rows it added; chunks of similar size are merged (like an LSM tree),
 so a view has O(log n) chunks and each row is copied O(log n) times over the delta's life.
 """
@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import faiss
 import numpy as np
 import pyarrow as pa
 
@@ -29,17 +28,6 @@ from pipeline.memory.state import ITEMS, MemoryState, vectors_of
 _COLUMN_OF = {f.hit_name: f.name for f in HIT_FIELDS}
 
 
-def id_selector(ids: np.ndarray) -> Optional[faiss.IDSelector]:
-    """A faiss selector that keeps every id except `ids` (None when there is nothing to exclude)."""
-    if ids is None or len(ids) == 0:
-        return None
-    ids = np.ascontiguousarray(ids, dtype=np.int64)
-    batch = faiss.IDSelectorBatch(len(ids), faiss.swig_ptr(ids))
-    sel = faiss.IDSelectorNot(batch)
-    sel._keep = (ids, batch)  # the selectors point into these: keep them alive as long as `sel`
-    return sel
-
-
 def delta_filter(lineage: Sequence[int]) -> str:
     """Rows whose vectors only the item table holds and that no shard of this lineage holds."""
     folded = f" AND indexed NOT IN ({','.join(str(int(v)) for v in lineage)})" if lineage else ""
@@ -48,16 +36,13 @@ def delta_filter(lineage: Sequence[int]) -> str:
 
 @dataclass(frozen=True)
 class DeltaChunk:
-    """Exact index over some delta rows, with their metadata; never changed after creation."""
-    ids: np.ndarray  # int64, in index order
-    index: faiss.Index  # IndexIDMap2(IndexFlatIP)
-    meta: Dict[str, np.ndarray]  # Neighbors metadata field -> values aligned with `ids`
+    """Some delta rows: ids, unit vectors and metadata; never changed after creation.
 
-    @classmethod
-    def build(cls, ids: np.ndarray, xb: np.ndarray, meta: Dict[str, np.ndarray]) -> "DeltaChunk":
-        index = faiss.IndexIDMap2(faiss.IndexFlatIP(xb.shape[1]))
-        index.add_with_ids(np.ascontiguousarray(xb, np.float32), np.ascontiguousarray(ids, np.int64))
-        return cls(np.asarray(ids, np.int64), index, meta)
+    Searched with one numpy matrix product, not faiss: the delta is small, and faiss's OpenMP team costs more
+    than the search on busy cores (measured 20.7 ms against 0.02 ms single-threaded for 2,000 rows)."""
+    ids: np.ndarray  # int64
+    xb: np.ndarray  # (n, dim) float32, rows aligned with `ids`
+    meta: Dict[str, np.ndarray]  # Neighbors metadata field -> values aligned with `ids`
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -67,15 +52,19 @@ class DeltaChunk:
         order = np.argsort(self.ids, kind="stable")
         return self.ids[order], order
 
-    def vectors(self) -> np.ndarray:
-        inner = faiss.downcast_index(self.index.index)
-        return inner.reconstruct_n(0, inner.ntotal) if len(self) else np.zeros((0, self.index.d), np.float32)
-
-    def search(self, xq: np.ndarray, k: int, sel) -> Neighbors:
-        params = faiss.SearchParameters(sel=sel) if sel is not None else None
-        D, I = self.index.search(xq, min(k, len(self)), params=params)
-        D = np.where(I < 0, -np.inf, D).astype(np.float32)
-        return Neighbors(D, I, **self.lookup(I))
+    def search(self, xq: np.ndarray, k: int, dead: Optional[np.ndarray] = None) -> Neighbors:
+        """Exact top-k by inner product; rows where `dead` (bool per row) is set never come back."""
+        S = xq @ self.xb.T
+        if dead is not None and dead.any():
+            S[:, dead] = -np.inf
+        k = min(int(k), len(self))
+        top = np.argpartition(-S, k - 1, axis=1)[:, :k] if k < len(self) else \
+            np.broadcast_to(np.arange(len(self)), (len(xq), len(self)))
+        D = np.take_along_axis(S, top, axis=1)
+        order = np.argsort(-D, axis=1, kind="stable")
+        top, D = np.take_along_axis(top, order, axis=1), np.take_along_axis(D, order, axis=1)
+        I = np.where(np.isfinite(D), self.ids[top], -1)
+        return Neighbors(np.where(I < 0, -np.inf, D).astype(np.float32), I, **self.lookup(I))
 
     def lookup(self, I: np.ndarray) -> Dict[str, np.ndarray]:
         """Metadata arrays shaped like `I` (fills where an id is not in this chunk)."""
@@ -89,8 +78,8 @@ class DeltaChunk:
 
 
 def merge_chunks(a: DeltaChunk, b: DeltaChunk) -> DeltaChunk:
-    return DeltaChunk.build(np.concatenate([a.ids, b.ids]), np.vstack([a.vectors(), b.vectors()]),
-                            {n: np.concatenate([a.meta[n], b.meta[n]]) for n in a.meta})
+    return DeltaChunk(np.concatenate([a.ids, b.ids]), np.vstack([a.xb, b.xb]),
+                      {n: np.concatenate([a.meta[n], b.meta[n]]) for n in a.meta})
 
 
 @dataclass(frozen=True)
@@ -103,11 +92,17 @@ class DeltaView:
     def __len__(self) -> int:
         return sum(len(c) for c in self.chunks)
 
-    def search(self, xq: np.ndarray, k: int, sel=None) -> Optional[Neighbors]:
-        """Exact top-k over the delta's rows minus the ids `sel` excludes; None when the delta is empty."""
+    def search(self, xq: np.ndarray, k: int, dead: Optional[Sequence[np.ndarray]] = None) -> Optional[Neighbors]:
+        """Exact top-k over the delta's rows; `dead` (one bool array per chunk, `dead_rows`) marks rows
+        that never come back. None when the delta is empty."""
         if not self.chunks:
             return None
-        return merge([c.search(xq, k, sel) for c in self.chunks], k)
+        dead = dead or [None] * len(self.chunks)
+        return merge([c.search(xq, k, d) for c, d in zip(self.chunks, dead)], k)
+
+    def dead_rows(self, ids: np.ndarray) -> Tuple[np.ndarray, ...]:
+        """Per chunk, which rows hold one of `ids` (sorted): what a snapshot excludes, computed once."""
+        return tuple(np.isin(c.ids, ids, assume_unique=False) for c in self.chunks)
 
     def ids(self) -> np.ndarray:
         return np.concatenate([c.ids for c in self.chunks]) if self.chunks else np.zeros(0, np.int64)
@@ -116,7 +111,7 @@ class DeltaView:
         """(ids, xb) of every delta item."""
         if not self.chunks:
             return np.zeros(0, np.int64), np.zeros((0, self.dim), np.float32)
-        return np.concatenate([c.ids for c in self.chunks]), np.vstack([c.vectors() for c in self.chunks])
+        return np.concatenate([c.ids for c in self.chunks]), np.vstack([c.xb for c in self.chunks])
 
     def metadata(self, ids: np.ndarray) -> Dict[str, np.ndarray]:
         """Neighbors metadata fields for `ids` (1-d), from whichever chunk holds each."""
@@ -167,7 +162,7 @@ class DeltaFollower:
         t = t.filter(pa.array(keep))
         meta = {name: t.column(_COLUMN_OF[name]).to_numpy(zero_copy_only=False) for name, _, _ in META}
         meta = {name: np.asarray(meta[name], dtype) for name, _, dtype in META}
-        return DeltaChunk.build(ids[keep], vectors_of(t, self.dim), meta)
+        return DeltaChunk(ids[keep], vectors_of(t, self.dim), meta)
 
 
 def _push(chunks: Tuple[DeltaChunk, ...], chunk: DeltaChunk) -> Tuple[DeltaChunk, ...]:

@@ -171,14 +171,14 @@ class VisualMemory:
         ids = [stable_id(k) for k in keys]
         if len(set(ids)) != n:
             raise UserError("add got the same key twice in one call; keys must be unique")
-        if images is not None:
-            for i, im in zip(ids, images):
-                storage.atomic_write_bytes(blob_url(self.memory_dir, i), _png_bytes(im))
         metas = [{"label": l, "label_name": str(nm), "key": k, "source": str(s), "shard": ""}
                  for l, nm, k, s in zip(labels, names, keys, srcs)]
         # One commit: the rows and their history line. The state refuses keys that are live or were ever
         # deleted, decided at commit time (unique across processes), and then changes nothing.
         self.state.add_items(item_rows(ids, metas, xb), keys, detail=f"{n} item(s), labels {sorted(set(labels))[:10]}")
+        if images is not None:  # after the add won: a racing add of the same key never overwrites the winner's
+            for i, im in zip(ids, images):
+                storage.atomic_write_bytes(blob_url(self.memory_dir, i), _png_bytes(im))
         return ids
 
     def delete(self, ids: Optional[Iterable[int]] = None, label: Optional[int] = None,

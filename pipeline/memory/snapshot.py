@@ -34,7 +34,7 @@ from pipeline.index.neighbors import Neighbors, merge
 from pipeline.index.shard import ExcludeSet
 from pipeline.memory import trust, votes
 from pipeline.memory.base import BaseState, blob_url
-from pipeline.memory.delta import DeltaFollower, DeltaView, id_selector
+from pipeline.memory.delta import DeltaFollower, DeltaView
 from pipeline.memory.overlays import GammaOverlay, Interventions, load_gamma, load_interventions
 from pipeline.memory.rerankers import Reranker, reorder
 from pipeline.memory.results import Neighbor, Prediction
@@ -72,9 +72,8 @@ class Snapshot:
         return ExcludeSet((self.version, self.forget_version), self.forgotten) if len(self.forgotten) else None
 
     @cached_property
-    def _delta_selector(self):
-        return id_selector(self.forgotten[np.isin(self.forgotten, self.delta.ids())]) if len(self.delta) \
-            else None
+    def _delta_dead(self):
+        return self.delta.dead_rows(self.forgotten) if len(self.forgotten) and len(self.delta) else None
 
     # ----- search and vote -----
     def search(self, xq: np.ndarray, k: int, nprobe: Optional[int] = None) -> Neighbors:
@@ -83,7 +82,7 @@ class Snapshot:
         if int(k) <= 0:
             raise UserError(f"k must be > 0, got {k}")
         nb = self.base.search(xq, int(k), nprobe=nprobe, exclude=self._exclude)
-        nd = self.delta.search(xq, int(k), self._delta_selector)
+        nd = self.delta.search(xq, int(k), self._delta_dead)
         if nd is not None:
             nb = merge([nb, nd], int(k), dedupe=True)
         labels, names = self.interventions.relabel(nb.I, nb.labels, nb.label_names)

@@ -18,7 +18,7 @@ from typing import Optional
 from pipeline.memory.protocol import ServedMemory
 
 log = logging.getLogger("vmem.serve")
-INTERVAL_S = 30.0
+INTERVAL_S = 5.0  # edits may come from other replicas and processes: look that often (cheap when idle)
 
 
 class Upkeep:
