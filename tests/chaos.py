@@ -8,8 +8,9 @@ One `run_chaos` is, in order:
    (each its own vector): exactly one ack per key, every other one refused "already in the memory";
 3. mid-run (once the writers are under way), a truncated tar under shards/ and a truncated embedding part,
    each holding items the chaos process then deletes: the writers' compactions and erasures meet them;
-   afterwards `vmem compact` must erase everywhere else and exit non-zero naming both files (stderr and the
-   report's `in_doubt`), with no traceback;
+   then a `vmem compact` SIGKILLed inside its erasure while the writers go on (their next compaction takes
+   the dead holder's lease over); afterwards `vmem compact` must erase everywhere else and exit non-zero
+   naming both files (stderr and the report's `in_doubt`), with no traceback;
 4. the remedy its message names ("restore it"), then a `vmem compact` SIGKILLed inside its erasure (kill
    point `VMEM_COMPACT_HANG_AT=erase`), then a `vmem compact` that must erase at once (the dead holder's lease
    is taken over: `verified: true`, not deferred, no backlog left) and a `vmem build` that must succeed;
@@ -59,6 +60,7 @@ class ChaosPlan:
     kinds: Dict[str, float] = field(default_factory=lambda: {k: v for k, v in rb.KINDS.items() if k != "rebuild"})
     bad_files: bool = True  # step 3 (a rebuild reads every part: `vmem build` runs after the remedy instead)
     kill_eraser: bool = True  # step 4
+    kill_eraser_mid_run: bool = True  # also SIGKILL a `vmem compact` inside its erasure while the writers go on
 
 
 def chaos_world(workdir: str, seed: int, overrides=(), n_base: int = 640, tars: int = 8) -> rb.World:
@@ -252,16 +254,23 @@ def _wait_for_progress(paths: List[str], records: int, timeout_s: float = 600) -
         time.sleep(0.2)
 
 
-def break_files_mid_run(world: rb.World, ops: ChaosOps, writer_paths: List[str], out: dict) -> None:
+def chaos_mid_run(world: rb.World, plan: ChaosPlan, ops: ChaosOps, writer_paths: List[str], out: dict) -> None:
     """(thread) once the writers are under way: truncate a tar and a part, delete items they hold (and items
-    of good tars). The originals go to `out` for the remedy."""
+    of good tars), the originals to `out` for the remedy; then SIGKILL a `vmem compact` inside its erasure
+    (a few tries: a writer's erasure may hold the lease, and the compaction then defers instead)."""
     try:
         _wait_for_progress(writer_paths, records=2 * len(writer_paths) + 4)
-        tar, part = files_of(world)
-        out["originals"] = {tar: truncate(tar), part: truncate(part)}
+        if plan.bad_files:
+            tar, part = files_of(world)
+            out["originals"] = {tar: truncate(tar), part: truncate(part)}
         ids = base_ids_of_tar(world, BAD_TAR, 2) + base_ids_of_tar(world, BAD_PART, 2) + \
             base_ids_of_tar(world, GOOD_TARS[0], 2)
         ops.delete(ids)
+        for attempt in range(5 if plan.kill_eraser_mid_run else 0):
+            ops.unacked({"op": "compact"})
+            if kill_during_erasure(world)["reached"]:
+                out["eraser_killed_mid_run"] = attempt + 1
+                break
     except Exception as e:  # noqa: BLE001 - reported by the parent
         out["error"] = f"{type(e).__name__}: {e}"
 
@@ -312,21 +321,19 @@ def run_chaos(world: rb.World, plan: ChaosPlan, journal_dir: str, timeout_s: flo
 
     racers, race_paths, barrier = start_races(world, plan, journal_dir)
     broken: dict = {}
-    breaker = None
-    if plan.bad_files:
-        writer_paths = [os.path.join(journal_dir, "journals", f"proc-{p}.jsonl") for p in range(plan.processes)]
-        breaker = threading.Thread(target=break_files_mid_run, args=(world, ops, writer_paths, broken), daemon=True)
-        breaker.start()
+    writer_paths = [os.path.join(journal_dir, "journals", f"proc-{p}.jsonl") for p in range(plan.processes)]
+    breaker = threading.Thread(target=chaos_mid_run, args=(world, plan, ops, writer_paths, broken), daemon=True)
+    breaker.start()
     run = rb.run_runbook(world, wplan, os.path.join(journal_dir, "journals"), timeout_s=timeout_s)
     for pr in racers:
         pr.join(timeout_s)
         if pr.is_alive():  # (the barrier lives until here)
             os.kill(pr.pid, signal.SIGKILL)
             pr.join()
-    if breaker is not None:
-        breaker.join(timeout_s)
-        if "error" in broken or "originals" not in broken:
-            report.fail("chaos_step_failed", f"breaking files mid-run: {broken.get('error', 'never ran')}")
+    breaker.join(timeout_s)
+    if "error" in broken or breaker.is_alive() or (plan.bad_files and "originals" not in broken):
+        report.fail("chaos_step_failed", f"mid-run chaos: {broken.get('error', 'never ended')}")
+    res.steps["mid_run"] = {"eraser_killed_at_try": broken.get("eraser_killed_mid_run")}
     race_items = judge_races(world, plan, [rb.read_journal(p) for p in race_paths], [pr.exitcode for pr in racers],
                              report)
 
@@ -461,7 +468,8 @@ def summary_row(res: ChaosResult) -> dict:
     return {"ops": s.get("ops", 0),
             "acks": sum(acked.values()) + s.get("race_acks", 0),
             "errors": dict(res.errors), "kills": int(s.get("killed") is not None) + int(
-                res.steps.get("kill_eraser", {}).get("reached", False)),
+                res.steps.get("kill_eraser", {}).get("reached", False)) + int(
+                bool(res.steps.get("mid_run", {}).get("eraser_killed_at_try"))),
             "lost": c.get("acked_write_lost", 0), "resurrected": c.get("deleted_id_returned", 0),
             "duplicates": s.get("duplicates", 0) + c.get("same_key_acks_not_one", 0),
             "reports": f"{s.get('reports_verified', 0)}/{s.get('erasure_reports', 0)}",

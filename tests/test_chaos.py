@@ -1,6 +1,7 @@
 """The chaos runbook (issue 17 item 8, harness in tests/chaos.py), short and with a fixed seed: writers from
 several processes (one SIGKILLed mid-op), same-key races from 4 processes, a truncated tar and a truncated
-embedding part mid-run, a `vmem compact` SIGKILLed inside its erasure, then `vmem compact` and `vmem build`;
+embedding part mid-run, a `vmem compact` SIGKILLed inside its erasure (mid-run, and again after the writers),
+then `vmem compact` and `vmem build`;
 locally and on the S3 test server. And `vmem serve` with one of its 2 ingress replicas SIGKILLed while HTTP
 writes go on. Each ends with: 0 acked writes lost, 0 deleted ids returned, 0 duplicate ids, the live count
 equal to the oracle's, every erasure report verified or naming only the files broken on purpose (and then
@@ -25,6 +26,7 @@ def _assert_ok(res):
     assert s["race_acks"] == s["race_rounds"] and s["duplicates"] == 0
     assert res.steps["bad_files"]["rc"] != 0 and res.steps["kill_eraser"]["build_rc"] == 0
     assert s["erasure_reports"] >= 2 and s["reports_verified"] >= 1, s
+    assert res.steps["mid_run"]["eraser_killed_at_try"], res.steps  # an eraser SIGKILLed while writers went on
 
 
 def test_chaos_runbook(tmp_path, ray_address):
