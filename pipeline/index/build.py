@@ -387,7 +387,7 @@ def build_index(cfg, split: str = "train", exclude: Optional[np.ndarray] = None,
                            "recall_at": int(chosen["K"]), "recall": float(chosen["recall"]),
                            "vote_agree": float(chosen["vote_agree"])})
     # `commit_guard(manifest)`: a context the caller holds across the commit (the memory layer re-checks its
-    # forget list there, under its erasure lock, for items deleted while this build ran).
+    # forget list there, holding its erasure lease, for items deleted while this build ran).
     with (commit_guard(manifest) if commit_guard is not None else contextlib.nullcontext()):
         store.commit(manifest, renumber=True)
     storage.remove(marker)

@@ -35,7 +35,6 @@ import re
 import tarfile
 import time
 import uuid
-from datetime import timedelta
 from typing import Dict, Iterable, List, Optional, Set, Tuple
 
 import numpy as np
@@ -459,8 +458,9 @@ def _erase_tables(state: MemoryState, ids: np.ndarray) -> None:
         # The delete/update transactions above name the ids in their predicates, and Lance keeps the newest
         # version's transaction: commit a config change on top, so that they belong to old versions...
         retry(lambda: table.dataset().update_config({"vmem.erased_at": str(time.time())}))
-        # ... which this removes with every file only they reference.
-        retry(lambda: table.dataset().cleanup_old_versions(older_than=timedelta(seconds=0)))
+        # ... which this removes with every file only they reference (the history lines edits committed
+        # with those versions are folded into edits.lance first).
+        state.remove_old_versions(name, retention_s=0.0)
 
 
 def _remove_leftovers(state: MemoryState, ids: np.ndarray) -> Tuple[List[str], List[str], Dict[str, int]]:
