@@ -211,4 +211,4 @@ def test_vmem_query_and_plan_commands(built, tmp_path, capsys):
     assert "bytes per item" in out and "nodes" in out
     np.save(tmp_path / "bad.npy", x[:2, :10])
     assert main(["query", "--vectors", str(tmp_path / "bad.npy"), *cfg.overrides]) == 1
-    assert "dimension 10" in capsys.readouterr().err
+    assert "10-d" in capsys.readouterr().err  # names the wrong dimension
