@@ -188,6 +188,9 @@ def cmd_compact(cfg: Config, args: argparse.Namespace) -> int:
         runs.append(r)
     elif st.get("status") == "deferred":  # an erasure that cannot run now says why and when it will
         print(json.dumps({"erasure": erasure.deferred_text(st)}, indent=1))
+    upkeep = mem.state.maintain(force=True)  # an explicit maintenance command: the state tables too, now
+    if upkeep:
+        print(json.dumps({"state_upkeep": upkeep}, indent=1, default=str))
     return _erasure_exit(runs)
 
 
