@@ -81,3 +81,20 @@ def test_background_compaction_commits_and_erases_after_a_delete(app_over_memory
     assert _delete(app, data.ids[20:21]).json()["deleted"] == 1
     time.sleep(0.5)
     assert memory.stats()["manifest_version"] == 2 and app.state.ctx.upkeep.runs == 1
+
+
+def test_the_serve_app_builder_is_typed():
+    """`serve run pipeline.serve.app:app_builder config=...` / a RayService's `args` are validated into
+    `AppArgs` (Serve reads the annotation): an unknown key is refused, not ignored."""
+    import inspect
+
+    import pydantic
+
+    from pipeline.serve.app import AppArgs, app_builder
+
+    hints = inspect.signature(app_builder).parameters["args"].annotation
+    assert "AppArgs" in str(hints)
+    assert AppArgs.model_validate({"config": "configs/demo.yaml", "overrides": ["serve.port=9000"]}).overrides == \
+        ["serve.port=9000"]
+    with pytest.raises(pydantic.ValidationError, match="extra"):
+        AppArgs.model_validate({"config": "configs/demo.yaml", "overide": ["serve.port=9000"]})

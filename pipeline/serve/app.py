@@ -2,25 +2,37 @@
 
 - `build_app(cfg)`: the application (FastAPI ingress replicas, plus one deployment per shard for large memories)
   for a loaded Config.
-- `app_builder(args)`: the typed builder that `serve run` and a KubeRay RayService import
-  (`import_path: pipeline.serve.app:app_builder`, `args: {config: configs/x.yaml, overrides: [k=v, ...]}`).
+- `app_builder(args: AppArgs)`: the typed builder that `serve run` and a KubeRay RayService import
+  (`import_path: pipeline.serve.app:app_builder`, `args: {config: configs/x.yaml, overrides: [k=v, ...]}`);
+  Serve validates `args` into `AppArgs` (an unknown key is an error, like in the config files).
 """
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, List, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from pipeline.config import Config, load_config
+from pipeline.runtime import init_ray
 
 
-def build_app(cfg):
-    from pipeline.serve.deployments import build_app as _build
+class AppArgs(BaseModel):
+    """What the Serve application is built from: a config file and `key=value` overrides."""
+    model_config = ConfigDict(extra="forbid")
+    config: Optional[str] = Field(None, description="YAML config (default: the embedded configs/demo.yaml)")
+    overrides: List[str] = Field(default_factory=list, description="key=value overrides, e.g. serve.port=8000")
+
+
+def build_app(cfg: Config):
+    """The `ray.serve.Application` for a loaded config (see `pipeline.serve.deployments.build_app`)."""
+    from pipeline.serve.deployments import build_app as _build  # lazy: imports Ray Serve (seconds)
 
     return _build(cfg)
 
 
-def app_builder(args: Dict[str, Any]):
-    """Load the config named by `args["config"]` (+ `args["overrides"]`) and build the application from it."""
-    from pipeline.config import load_config
-    from pipeline.runtime import init_ray
-
-    cfg = load_config(args.get("config"), list(args.get("overrides", [])))
+def app_builder(args: Union[AppArgs, Dict[str, Any]]):
+    """Load the config `args` names and build the application from it."""
+    args = args if isinstance(args, AppArgs) else AppArgs.model_validate(args)
+    cfg = load_config(args.config, args.overrides)
     init_ray(cfg)  # exports storage settings (S3 endpoint) to the replicas
     return build_app(cfg)
