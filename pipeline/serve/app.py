@@ -6,9 +6,9 @@
   (`import_path: pipeline.serve.app:app_builder`, `args: {config: configs/x.yaml, overrides: [k=v, ...]}`);
   Serve validates `args` into `AppArgs` (an unknown key is an error, like in the config files).
 """
-from __future__ import annotations
-
-from typing import Any, Dict, List, Optional, Union
+# No `from __future__ import annotations` here: Serve validates `args` into `AppArgs` only when the
+# parameter's annotation is the class itself, not its name as a string.
+from typing import List, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -30,8 +30,8 @@ def build_app(cfg: Config):
     return _build(cfg)
 
 
-def app_builder(args: Union[AppArgs, Dict[str, Any]]):
-    """Load the config `args` names and build the application from it."""
+def app_builder(args: AppArgs):
+    """Load the config `args` names and build the application from it (a plain dict is validated too)."""
     args = args if isinstance(args, AppArgs) else AppArgs.model_validate(args)
     cfg = load_config(args.config, args.overrides)
     init_ray(cfg)  # exports storage settings (S3 endpoint) to the replicas
