@@ -66,12 +66,9 @@ def test_the_race_judge_catches_two_acks_and_a_wrong_refusal(tmp_path):
     assert items[7].state == chaos.MAYBE  # two vectors acked for one id: neither is sure
 
 
-@pytest.mark.xfail(strict=True, reason="bug: after erasure a repeated delete of an erased id raises NotFound (HTTP "
-                   "404) instead of counting as nothing (deletes.py: 'ids already deleted count as nothing'); an "
-                   "HTTP client retrying a delete whose answer was lost (a replica SIGKILLed) is told the id never "
-                   "existed. The forget list's salted digests could recognise it (deletes.select checks the item "
-                   "table only)")
 def test_a_retried_delete_after_erasure_counts_as_nothing(tmp_path):
+    """An HTTP client retrying a delete whose answer was lost (a replica SIGKILLed) must not be told the id
+    never existed: after erasure the forget list's salted digest still recognises it. Found by the chaos run."""
     from pipeline.memory.memory import VisualMemory
     from pipeline.memory.synthetic import build_synthetic_memory, make_clusters
 

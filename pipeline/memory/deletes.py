@@ -3,7 +3,7 @@
 The same rules hold on every path (Python API, `vmem delete`, `DELETE /v1/items`), because every path calls
 these functions:
 - a delete names exactly one of: ids, a label, a source (`selection`);
-- ids the memory never held are refused (NotFound); ids already deleted count as nothing;
+- ids the memory never held are refused (NotFound); ids already deleted (erased or not) count as nothing;
 - a label selects the live items whose *current* label (relabels applied) is that label; a source, the live
   items with that source;
 - a delete is one append to the forget list (the commit point), final: searches exclude the ids inside faiss
@@ -40,8 +40,13 @@ def select(snap: Snapshot, ids: Optional[Iterable[int]] = None, label: Optional[
         held = set(snap.state.items(ids, ["id"]).column("id").to_pylist())
         unknown = [i for i in ids if i not in held]
         if unknown:
-            raise NotFound(f"{len(unknown)} id(s) are not in the memory, e.g. {unknown[:5]}")
-        return ids
+            # An erased item has no row any more, only its salted digest on the forget list: a retried delete
+            # of it (its first answer lost) counts as nothing, like a retry before erasure.
+            gone = snap.state.is_forgotten(unknown)
+            never = [i for i, g in zip(unknown, gone) if not g]
+            if never:
+                raise NotFound(f"{len(never)} id(s) are not in the memory, e.g. {never[:5]}")
+        return [i for i in ids if i in held]
     if what == "source":
         return sorted(int(i) for i in snap.state.select(source=source))
     relabeled = {i: int(it["label"]) for i, it in snap.interventions.items.items() if "label" in it}

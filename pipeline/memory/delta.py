@@ -139,7 +139,7 @@ class DeltaFollower:
         v = self.state[ITEMS].version()
         if v == self.view.table_version:
             return self.view
-        t, reset = self.state[ITEMS].new_rows(self._fragments, ["id", *META_FIELDS, "vector"],
+        t, reset = self.state[ITEMS].new_rows(self._fragments, ["id", *META_FIELDS, "vector", "added_at"],
                                                delta_filter(self.lineage))
         chunks = self.view.chunks
         if reset:
@@ -152,8 +152,10 @@ class DeltaFollower:
         return self.view
 
     def _chunk(self, t: pa.Table) -> Optional[DeltaChunk]:
+        # One row per id: while racing adds of one key settle, the earliest stamp is the one that wins.
+        t = t.sort_by([("id", "ascending"), ("added_at", "ascending")])
         ids = t.column("id").to_numpy().astype(np.int64)
-        _, first = np.unique(ids, return_index=True)  # one row per id (a key added twice at once)
+        _, first = np.unique(ids, return_index=True)
         keep = np.zeros(len(ids), bool)
         keep[first] = True
         keep &= ~np.isin(ids, self._ids)

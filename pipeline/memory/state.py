@@ -548,7 +548,9 @@ class MemoryState:
             if not (~mine).any() and len(per_id) == len(ids) and (per_id == 1).all():
                 return  # our rows, one per id, alone: the add won
             # Racing adds with later stamps are still there (they lose and remove their rows), or a racer got
-            # the same stamp (then neither can tell its rows apart: both lose at the deadline).
+            # the same stamp (then neither can tell its rows apart: both lose at the deadline). The earliest
+            # stamp may not simply win here: a later racer that checked before our row was visible has won
+            # already. On a slow store all may lose: a clear error the client can retry, never two winners.
             if time.monotonic() > deadline:
                 self._lose(ids, stamp, undo, UserError(
                     f"key(s) already in the memory, e.g. id {int(rid[~mine][0]) if (~mine).any() else int(ids[0])}"
