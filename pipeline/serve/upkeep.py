@@ -3,9 +3,9 @@
 delete that crosses the compaction threshold answers in the time of an add or delete, and the compaction
 still happens within seconds.
 
-The thread wakes when a write finishes (`poke`) and every `INTERVAL_S` (edits may come from other replicas
-and processes). Several replicas may find the same compaction due: the first to commit wins and the others
-step aside at commit (see `pipeline.memory.compaction`), so nothing is done twice. Failures are logged as one
+The thread starts with the replica's first write and then wakes when a write finishes (`poke`) and every
+`INTERVAL_S` (edits may come from other replicas and processes). Several replicas may find the same compaction
+due: the first to commit wins and the others step aside at commit (see `pipeline.memory.compaction`), so nothing is done twice. Failures are logged as one
 warning and retried at the next wake-up; they never reach a client.
 """
 from __future__ import annotations
@@ -33,15 +33,19 @@ class Upkeep:
         self.runs = 0  # compactions this thread committed (tests and /metrics read it)
         self.last_error: Optional[str] = None
         self._thread: Optional[threading.Thread] = None
+        self._starting = threading.Lock()
 
     def start(self) -> "Upkeep":
-        if self.enabled and self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="vmem-upkeep", daemon=True)
-            self._thread.start()
+        with self._starting:
+            if self.enabled and self._thread is None and not self._stop.is_set():
+                self._thread = threading.Thread(target=self._loop, name="vmem-upkeep", daemon=True)
+                self._thread.start()
         return self
 
     def poke(self) -> None:
-        """A write finished: check soon whether maintenance is due."""
+        """A write finished: check soon whether maintenance is due (the thread starts with the first write:
+        every process that writes maintains after its own writes, so a replica that only reads never does)."""
+        self.start()
         self._wake.set()
 
     def stop(self, timeout_s: float = 60.0) -> None:

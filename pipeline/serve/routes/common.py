@@ -50,7 +50,7 @@ class ServeContext:
     def __post_init__(self):
         sc = self.cfg.serve
         self.batcher = QueryBatcher(sc.query_batch, sc.query_concurrency, sc.query_wait_ms / 1000, self.pool)
-        self.upkeep = Upkeep(self.memory).start()
+        self.upkeep = Upkeep(self.memory)  # its thread starts with the first write
 
     @property
     def dim(self) -> Optional[int]:
