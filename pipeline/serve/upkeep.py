@@ -5,8 +5,9 @@ still happens within seconds.
 
 The thread starts with the replica's first write and then wakes when a write finishes (`poke`) and every
 `INTERVAL_S` (edits may come from other replicas and processes). Several replicas may find the same compaction
-due: the first to commit wins and the others step aside at commit (see `pipeline.memory.compaction`), so nothing is done twice. Failures are logged as one
-warning and retried at the next wake-up; they never reach a client.
+due: the first to commit wins and the others step aside at commit (see `pipeline.memory.compaction`), so
+nothing is done twice. Failures are logged as one warning and retried at the next wake-up; they never reach a
+client.
 """
 from __future__ import annotations
 
