@@ -306,7 +306,7 @@ def worker(step: str, workdir: str, n: int, dim: int) -> dict:
             best = min(best, time.perf_counter() - t)
         return {"query_p50_ms": single["p50_ms"], "query_p99_ms": single["p99_ms"],
                 "batch_qps": round(len(xq) / best, 1), "recall@10": round(float(recall_at(res.I, gt, 10)), 4),
-                "nprobe": mem.base.manifest.nprobe if hasattr(mem.base, "manifest") else None}
+                "nprobe": mem.snapshot().base.manifest.nprobe}
     if step == "add":
         x, c = extra_vectors(n, dim, EDITS, seed=12345)
         ms = []

@@ -139,7 +139,7 @@ def test_compaction_carries_the_rerank_files(tmp_path, ray_session):
     added = mem.add(embeddings=new, labels=[1] * 30, keys=[f"rr{i}" for i in range(30)])
     mem.delete(ids=ids[:40].tolist())
     assert mem.compact()["erasure"]["verified"]
-    m = mem.base.manifest
+    m = mem.snapshot().base.manifest
     assert all(s.vectors_path for s in m.shards) and m.rerank_k > 0
     live_x = np.vstack([x[40:], new])
     live_ids = np.concatenate([ids[40:], np.array(added)])

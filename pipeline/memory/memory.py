@@ -23,7 +23,7 @@ from pipeline.embed.parts import check_vectors
 from pipeline.errors import DataError, NotFound, UserError
 from pipeline.index.neighbors import Neighbors
 from pipeline.memory import compaction, deletes, history, interventions, pruning, votes
-from pipeline.memory.base import BaseState, blob_url
+from pipeline.memory.base import blob_url
 from pipeline.memory.erasure import workdir_of
 from pipeline.memory.explain import render_sheet
 from pipeline.memory.rerankers import create_reranker
@@ -76,10 +76,6 @@ class VisualMemory:
     @property
     def dim(self) -> int:
         return self._follower.current.dim
-
-    @property
-    def base(self) -> BaseState:
-        return self._follower.current.base
 
     # ----- inputs -----
     def encoder(self):
