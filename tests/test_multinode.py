@@ -39,19 +39,43 @@ def _free_ports(k: int):
     return ports
 
 
-def _node_ports() -> list:
-    """Every port a Ray node opens by default at a fixed number, chosen free (two nodes on one host)."""
-    p = _free_ports(7)
-    lo = _free_ports(1)[0]
+def _worker_range(taken: set, width: int = 60) -> int:
+    """The low end of `width + 1` consecutive ports that are free now and overlap none of `taken`.
+
+    Ray refuses to start when its worker-port range covers a port it was given for another component, so the
+    range is chosen after (and away from) every other port of the cluster."""
+    for lo in range(20000, 60000 - width, width + 1):
+        if taken.isdisjoint(range(lo, lo + width + 1)) and _range_free(lo, width):
+            return lo
+    raise RuntimeError("no free worker-port range")
+
+
+def _range_free(lo: int, width: int) -> bool:
+    for port in range(lo, lo + width + 1):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+    return True
+
+
+def _node_ports(taken: set) -> list:
+    """Every port a Ray node opens by default at a fixed number, chosen free and outside `taken` (every port
+    already handed to a component of this cluster, which is updated): two nodes share one host."""
+    p = [q for q in _free_ports(12) if q not in taken][:6]
+    taken.update(p)
+    lo = _worker_range(taken)
+    taken.update(range(lo, lo + 61))
     return ["--node-manager-port", str(p[0]), "--object-manager-port", str(p[1]),
             "--dashboard-agent-listen-port", str(p[2]), "--dashboard-agent-grpc-port", str(p[3]),
             "--metrics-export-port", str(p[4]), "--runtime-env-agent-port", str(p[5]),
-            "--min-worker-port", str(max(lo, 20000)), "--max-worker-port", str(max(lo, 20000) + 60)]
+            "--min-worker-port", str(lo), "--max-worker-port", str(lo + 60)]
 
 
-def _ray_start(env: dict, *args: str) -> None:
+def _ray_start(env: dict, taken: set, *args: str) -> None:
     r = subprocess.run([RAY, "start", "--node-ip-address", "127.0.0.1", "--num-cpus", "1", "--disable-usage-stats",
-                        *args, *_node_ports()], env=env, capture_output=True, text=True, timeout=180)
+                        *args, *_node_ports(taken)], env=env, capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, f"ray start {' '.join(args)} failed:\n{(r.stdout + r.stderr)[-3000:]}"
 
 
@@ -107,11 +131,12 @@ def test_build_populates_shards_on_both_nodes(tmp_path):
     workdir = str(tmp_path / "work")
     _write_embeddings(os.path.join(workdir, "embeddings", "train"))
     port, client_port = _free_ports(2)
+    taken = {port, client_port}
     address = f"127.0.0.1:{port}"
     try:
-        _ray_start(env, "--head", "--port", str(port), "--ray-client-server-port", str(client_port),
+        _ray_start(env, taken, "--head", "--port", str(port), "--ray-client-server-port", str(client_port),
                    "--temp-dir", temp, "--include-dashboard", "false")
-        _ray_start(env, "--address", address, "--temp-dir", temp)
+        _ray_start(env, taken, "--address", address, "--temp-dir", temp)
         nodes = _alive_nodes(address, env)
         assert len(nodes) == 2, nodes
         r = subprocess.run([VMEM, "build", f"workdir={workdir}", f"ray.address={address}",
