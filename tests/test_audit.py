@@ -63,6 +63,17 @@ def test_audit_passes_clean_and_finds_a_planted_trace(tmp_path, where, request, 
         storage.remove(url)
     _plant(root, int(data.ids[0]))
     assert run_audit(memory_dir, progress=False)["verdict"] == "clean"
+    # One flipped byte in a file of the current manifest (the shard's largest) is a corrupt file, named.
+    from pipeline.index.manifest import ManifestStore
+
+    store = ManifestStore(memory_dir)
+    rel = store.load().shards[0].files()[-1][0]
+    raw = bytearray(storage.read_bytes(store.url(rel)))
+    raw[len(raw) // 2] ^= 0xFF
+    storage.atomic_write_bytes(store.url(rel), bytes(raw))
+    bad = run_audit(memory_dir, progress=False)
+    assert bad["verdict"] == "corrupt files" and list(bad["corrupt"]) == [store.url(rel)], bad["corrupt"]
+    assert not bad["clean"] and bad["checksums_checked"] >= 2
 
 
 def test_audit_resumes_from_its_progress_file(tmp_path, ray_session):

@@ -355,7 +355,8 @@ def _audit_args(p: argparse.ArgumentParser) -> None:
 
 
 @command("audit", "scan every file under the workdir (local or s3://, Ray tasks, resumable) for traces of erased "
-         "items; exit 1 on a trace, 2 when a file cannot be read", "vmem audit", _audit_args)
+         "items and check the manifest's checksums; exit 1 on a trace, 2 when a file cannot be read or is "
+         "corrupt", "vmem audit", _audit_args)
 def cmd_audit(cfg: Config, args: argparse.Namespace) -> int:
     from pipeline.memory.audit import format_report, read_ids, run_audit
     from pipeline.runtime import init_ray
@@ -367,4 +368,4 @@ def cmd_audit(cfg: Config, args: argparse.Namespace) -> int:
     print(lines[0])
     for line in lines[1:]:
         print(line, file=sys.stderr)
-    return 1 if report["traces"] else (2 if report["unreadable"] else 0)
+    return 1 if report["traces"] else (2 if report["unreadable"] or report["corrupt"] else 0)

@@ -184,9 +184,23 @@ def read_meta(url: str, sha256: Optional[str] = None) -> pa.Table:
     return pq.read_table(verified_copy(url, sha256), memory_map=True)
 
 
-def open_vectors(url: str, sha256: Optional[str] = None) -> np.ndarray:
-    """A shard's re-rank vectors, memory-mapped read-only (checksum verified first when given)."""
-    return np.load(verified_copy(url, sha256), mmap_mode="r", allow_pickle=False)
+def open_vectors(url: str, sha256: Optional[str] = None, rows: Optional[int] = None) -> np.ndarray:
+    """A shard's re-rank vectors, memory-mapped read-only.
+
+    With `sha256`, the content is checked first (a full read: for a caller that reads every row anyway, such as
+    compaction carrying them over). With `rows` instead, only the shape is checked (the file holds `rows` rows
+    and its length is what the header says): opening a shard for search maps the file and touches only the
+    rows a query re-ranks, so hashing it would read the whole memory's vectors at every open (15 GB at 10M
+    items). Truncation cannot hide from the shape check; the bytes' checksum is `vmem audit`'s to verify."""
+    path = verified_copy(url, sha256) if sha256 else verified_copy(url)
+    try:
+        xb = np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError as e:  # numpy refuses a file shorter than its header says
+        raise IntegrityError(f"memory file {url} is damaged: {e}; rebuild it (`vmem build`) or load an older "
+                             f"version") from e
+    if rows is not None and (xb.ndim != 2 or len(xb) != rows):
+        raise IntegrityError(f"{url} holds {xb.shape[0] if xb.ndim else 0} rows, the shard's metadata {rows}")
+    return xb
 
 
 def read_shard_vectors(memory_dir: str, entry: ShardEntry, drop_ids: Optional[np.ndarray] = None):
@@ -246,10 +260,7 @@ class ShardSearcher:
         self.meta_ids = self.meta.column("id").to_numpy()
         self.vectors = None
         if e.vectors_path:
-            self.vectors = open_vectors(storage.join(memory_dir, e.vectors_path), e.vectors_sha256 if verify else None)
-            if len(self.vectors) != len(self.meta_ids):
-                raise IntegrityError(f"{storage.join(memory_dir, e.vectors_path)} holds {len(self.vectors)} rows, "
-                                     f"the shard's metadata {len(self.meta_ids)}")
+            self.vectors = open_vectors(storage.join(memory_dir, e.vectors_path), rows=len(self.meta_ids))
         if self.index.ntotal != e.count:
             raise IntegrityError(f"shard {storage.join(memory_dir, e.path)} holds {self.index.ntotal} vectors, "
                                  f"the manifest says {e.count}")

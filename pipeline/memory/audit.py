@@ -8,6 +8,9 @@ erased item in it:
   substring scan per id) and, for ids given explicitly (`--ids`), the 8-byte little-endian form at any
   alignment;
 - file names (blobs are named by id), and every version still on disk of the state tables (read by Lance).
+It also checks the sha256 of every file the current manifest lists (index, metadata, re-rank vectors) against
+the manifest: opening a shard checks the re-rank vectors' shape only (they are memory-mapped, and hashing them
+would read every vector at each open), so bit rot in them is this job's to find.
 Which ids are erased: the forget list keeps only a salted digest of an erased id, so every id-like value the
 audit meets is hashed with the memory's salt and looked up among the digests of erased rows (no raw id of an
 erased item exists anywhere to compare with, by design); ids passed with `--ids` are matched directly too.
@@ -99,26 +102,30 @@ def scan_file(url: str, data: bytes, matcher: Matcher) -> Dict[str, object]:
     return {"ids": int(len(values) + len(set(how))), "found": len(how), "how": sorted(set(how.values()))}
 
 
-def _scan_batch(urls: List[str], matcher: Matcher, env: dict) -> List[dict]:
-    """One Ray task: scan these files (one read each)."""
+def _scan_batch(urls: List[str], matcher: Matcher, env: dict, sums: Optional[Dict[str, str]] = None) -> List[dict]:
+    """One Ray task: scan these files (one read each; `sums`: the expected sha256 of some of them)."""
     import os
 
     import ray
 
     os.environ.update(env)
     node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
-    return [dict(r, node=node) for r in _scan_files(urls, matcher)]
+    return [dict(r, node=node) for r in _scan_files(urls, matcher, sums or {})]
 
 
-def _scan_files(urls: List[str], matcher: Matcher) -> List[dict]:
+def _scan_files(urls: List[str], matcher: Matcher, sums: Dict[str, str]) -> List[dict]:
+    from pipeline.index.shard import sha256_url
+
     out = []
     for url in urls:
         try:
             fs, path = storage.filesystem(url)
             size = fs.size(path)
             if size > matcher.raw_scan_max_bytes and not url.endswith(_STRUCTURED):
-                # Too big for the raw-byte scan and of no format that holds ids (re-rank vectors): not read.
-                out.append({"file": url, "bytes": int(size), "ids": 0, "found": 0, "how": [], "raw": False})
+                # Too big for the raw-byte scan and of no format that holds ids (re-rank vectors): only hashed
+                # (streamed) when the manifest lists it.
+                r = {"file": url, "bytes": int(size), "ids": 0, "found": 0, "how": [], "raw": False}
+                out.append(_checked(r, url, sums, lambda: sha256_url(url)))
                 continue
             data = storage.read_bytes(url)
         except FileNotFoundError:
@@ -129,8 +136,27 @@ def _scan_files(urls: List[str], matcher: Matcher) -> List[dict]:
         except Exception as e:  # noqa: BLE001 - an unreadable file is a finding of its own, never fatal
             out.append({"file": url, "bytes": len(data), "unreadable": f"{type(e).__name__}: {e}"[:300]})
             continue
-        out.append({"file": url, "bytes": len(data), **r})
+        out.append(_checked({"file": url, "bytes": len(data), **r}, url, sums,
+                            lambda: hashlib.sha256(data).hexdigest()))
     return out
+
+
+def _checked(r: dict, url: str, sums: Dict[str, str], digest) -> dict:
+    """`r` with "corrupt" set when `url` is a manifest file whose content does not hash to the manifest's sha256."""
+    want = sums.get(url)
+    if want and digest() != want:
+        r["corrupt"] = f"sha256 differs from the manifest's {want[:12]}..."
+    return r
+
+
+def _manifest_sums(memory_dir: str) -> Dict[str, str]:
+    """url -> sha256 of every file of the current manifest (empty before the first build)."""
+    from pipeline.index.manifest import ManifestStore
+
+    store = ManifestStore(memory_dir)
+    if store.current_version() is None:
+        return {}
+    return {store.url(rel): sha for e in store.load().shards for rel, sha in e.files() if sha}
 
 
 def _lance_tables(state, matcher: Matcher) -> List[dict]:
@@ -205,8 +231,9 @@ def run_audit(memory_dir: str, cfg=None, ids: Iterable[int] = (), restart: bool 
     task = ray.remote(num_cpus=1, scheduling_strategy="SPREAD")(_scan_batch)  # over every node
     m_ref = ray.put(matcher)
     env = storage.worker_env()
+    sums = _manifest_sums(memory_dir)
     batches = [todo[i:i + files_per_task] for i in range(0, len(todo), files_per_task)]
-    pending = [task.remote(b, m_ref, env) for b in batches]
+    pending = [task.remote(b, m_ref, env, {u: sums[u] for u in b if u in sums}) for b in batches]
     lines = b"".join(json.dumps(r).encode() + b"\n" for r in done.values())
     bar = tqdm(total=len(files), initial=len(done), desc="audit", unit="file", disable=not progress or None)
     try:
@@ -223,8 +250,10 @@ def run_audit(memory_dir: str, cfg=None, ids: Iterable[int] = (), restart: bool 
     results = [done[u] for u in files if u in done] + tables
     traces = {r["file"]: {"ids": r["found"], "how": r["how"]} for r in results if r.get("found")}
     unreadable = {r["file"]: r["unreadable"] for r in results if r.get("unreadable")}
-    verdict = "traces found" if traces else ("in doubt: unreadable files" if unreadable else "clean")
-    report = {"verdict": verdict, "clean": not traces and not unreadable, "workdir": workdir,
+    corrupt = {r["file"]: r["corrupt"] for r in results if r.get("corrupt")}
+    verdict = ("traces found" if traces else "in doubt: unreadable files" if unreadable
+               else "corrupt files" if corrupt else "clean")
+    report = {"verdict": verdict, "clean": not traces and not unreadable and not corrupt, "workdir": workdir,
               "files": sum(1 for u in files if u in done and not done[u].get("gone")),
               "table_versions": len(tables),
               "large_files_not_read": sum(1 for r in results if r.get("raw") is False),
@@ -232,7 +261,8 @@ def run_audit(memory_dir: str, cfg=None, ids: Iterable[int] = (), restart: bool 
               "bytes": int(sum(r.get("bytes", 0) for r in results)),
               "ids_checked": {"erased_digests": len(matcher.digests), "explicit_ids": int(len(matcher.ids))},
               "id_values_seen": int(sum(r.get("ids", 0) for r in results)),
-              "traces": traces, "unreadable": unreadable, "resumed_files": len(files) - len(todo),
+              "checksums_checked": sum(1 for r in results if r.get("file") in sums),
+              "traces": traces, "unreadable": unreadable, "corrupt": corrupt, "resumed_files": len(files) - len(todo),
               "started_at": t0, "finished_at": time.time(), "seconds": time.time() - t0}
     report["signature"] = _sign(state.salt(), report)
     url = storage.join(audit_dir(memory_dir), f"report-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-"
@@ -256,7 +286,7 @@ def verify_report(memory_dir: str, report: dict) -> bool:
 
 
 def format_report(report: dict, max_lines: int = 20) -> List[str]:
-    """Human lines: the verdict, then one line per file with traces or unreadable."""
+    """Human lines: the verdict, then one line per file with traces, unreadable or corrupt."""
     lines = [f"audit: {report['verdict']}: {report['files']:,} file(s), {report['bytes']:,} bytes, "
              f"{report['ids_checked']['erased_digests']:,} erased item(s) checked"
              f"{', ' + str(report['ids_checked']['explicit_ids']) + ' explicit id(s)' if report['ids_checked']['explicit_ids'] else ''}"
@@ -265,6 +295,8 @@ def format_report(report: dict, max_lines: int = 20) -> List[str]:
         lines.append(f"  trace: {f}: {t['ids']} erased id(s) ({', '.join(t['how'])})")
     for f, why in list(report["unreadable"].items())[:max_lines]:
         lines.append(f"  unreadable: {f}: {why} (restore or remove it, then audit again)")
+    for f, why in list(report.get("corrupt", {}).items())[:max_lines]:
+        lines.append(f"  corrupt: {f}: {why} (rebuild with `vmem build` or roll back to an older version)")
     return lines
 
 
