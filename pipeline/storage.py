@@ -153,6 +153,33 @@ def atomic_write_bytes(url: str, data: bytes) -> None:
     _publish_local(url, data, os.replace)
 
 
+def write_hint(url: str, data: bytes) -> None:
+    """Replace a small hint object atomically but without fsync (readers see the old or the new bytes; after a
+    power cut, possibly the old): for values that only save readers work, never for a record."""
+    if is_remote(url):
+        atomic_write_bytes(url, data)
+        return
+    path = os.path.abspath(url)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def read_hint(url: str) -> Optional[bytes]:
+    """The bytes of a hint object, None when there is none (local files read directly: on a query's path)."""
+    if not is_remote(url):
+        try:
+            with open(url, "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+    try:
+        return read_bytes(url)
+    except FileNotFoundError:
+        return None
+
+
 class AlreadyExists(Exception):
     """`create_exclusive` lost the race: another writer created the object first."""
 

@@ -66,3 +66,54 @@ def test_a_snapshot_answers_the_same_while_other_processes_edit_compact_and_eras
     assert not np.isin(nb.I, victims).any()
     added = {stable_id(f"editor-{seed}-{i}") for seed in (1, 2) for i in range(5)}
     assert np.isin(nb.I[:5, :3], list(added)).sum(axis=1).min() >= 2  # each editor's item next to its query
+
+
+ADDER = textwrap.dedent("""
+    import sys
+    import numpy as np
+    from pipeline.memory import VisualMemory
+    import pipeline.index.changes as changes
+
+    memory_dir, key, bump = sys.argv[1], sys.argv[2], sys.argv[3] == "bump"
+    if not bump:  # a writer killed after its commit, before its token: the edit is committed, never acknowledged
+        changes.bump = lambda memory_dir: None
+    x = np.load(sys.argv[4])
+    print(VisualMemory.open(memory_dir).add(embeddings=x, labels=[4], keys=[key])[0])
+""")
+
+
+def test_the_change_token_spares_the_polls_and_never_hides_an_acknowledged_edit(make_config, tmp_path, monkeypatch):
+    from pipeline.memory import VisualMemory, snapshot
+    from pipeline.memory.synthetic import build_synthetic_memory, make_clusters
+
+    cfg = make_config()
+    data = make_clusters(400, dim=16, seed=3, num_classes=4)
+    build_synthetic_memory(cfg.memory_dir, data, num_shards=2, index_key="IVF4,Flat", nprobe=4)
+    mem = VisualMemory.open(cfg.memory_dir, cfg=cfg)
+    polls = []
+    versions = mem._follower._versions
+    monkeypatch.setattr(mem._follower, "_versions", lambda: polls.append(1) or versions())
+    monkeypatch.setattr(snapshot, "FULL_POLL_S", 600.0)
+
+    def add_elsewhere(key, bump, seed):
+        x = np.random.default_rng(seed).normal(size=(1, 16)).astype(np.float32)
+        np.save(tmp_path / f"{key}.npy", x)
+        out = subprocess.run([sys.executable, "-c", ADDER, cfg.memory_dir, key, "bump" if bump else "no",
+                              str(tmp_path / f"{key}.npy")], capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return int(out.stdout.split()[-1]), x
+
+    mem.snapshot()
+    before = len(polls)
+    for _ in range(20):  # nothing committed anywhere: the token is unchanged, no query polls
+        mem.snapshot()
+    assert len(polls) == before
+    # Acknowledged by another process: the very next query sees it (the token moved, so it polls).
+    i, x = add_elsewhere("acked", True, 1)
+    assert mem.search(embeddings=x, k=1).I[0, 0] == i and len(polls) > before
+    # Committed without a token (killed before its bump): unseen while the token says nothing changed, seen
+    # by the periodic full poll.
+    j, y = add_elsewhere("unacked", False, 2)
+    assert mem.search(embeddings=y, k=1).I[0, 0] != j
+    monkeypatch.setattr(snapshot, "FULL_POLL_S", 0.0)
+    assert mem.search(embeddings=y, k=1).I[0, 0] == j

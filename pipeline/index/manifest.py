@@ -4,6 +4,7 @@ Layout under `memory_dir` (see docs/design.md):
 
   manifests/v000001.json        one immutable `Manifest` per version; creating it exclusively IS the commit
   CURRENT                       {"version": N}: a hint written after each commit (readers probe past it)
+  CHANGED                       the change token, rewritten after every commit readers must see (changes.py)
   trained/<sha>.index           the trained, empty IVF index every shard was populated from
   shards/v000001/shard-000.index, shard-000.meta.parquet, shard-000.vectors.npy (re-rank vectors, optional)
 
@@ -26,6 +27,7 @@ from typing import Any, Dict, List, Optional
 
 from pipeline import storage
 from pipeline.errors import IntegrityError, NotFound, UserError
+from pipeline.index import changes
 
 CURRENT = "CURRENT"
 MANIFESTS = "manifests"
@@ -180,6 +182,7 @@ class ManifestStore:
                                          f"first (manifests are immutable)") from None
                 manifest.version = self.next_version()
         storage.atomic_write_json(storage.join(self.memory_dir, CURRENT), {"version": manifest.version})
+        changes.bump(self.memory_dir)
         return manifest.version
 
 

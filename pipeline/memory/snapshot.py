@@ -10,15 +10,17 @@ excluded inside faiss, relabels applied once. `Snapshot.predict(nb, method) -> [
 place the vote is assembled**: intervention multipliers, a reranker's weights, gamma (soft methods), the
 vote method, then the trust fields (confidence, calibrated probability, OOD, abstain).
 
-`Follower` turns "whatever was committed last" into snapshots: it polls the versions of the manifest and of
-the state tables (no lock: each thread uses its own Lance handle) and builds a new snapshot only when one
-changed (under a lock that only the builders of snapshots take).
+`Follower` turns "whatever was committed last" into snapshots: when the memory's change token moved (or a
+second passed), it polls the versions of the manifest and of the state tables (no lock: each thread uses its
+own Lance handle) and builds a new snapshot only when one changed (under a lock that only the builders of
+snapshots take).
 """
 from __future__ import annotations
 
 import logging
 import tarfile
 import threading
+import time
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Callable, Dict, List, Optional, Sequence
@@ -30,6 +32,7 @@ from pipeline import storage
 from pipeline.config import Config
 from pipeline.data.shards import tar_key
 from pipeline.errors import NotFound, UserError
+from pipeline.index import changes
 from pipeline.index.neighbors import Neighbors, merge
 from pipeline.index.shard import ExcludeSet
 from pipeline.memory import trust, votes
@@ -41,6 +44,8 @@ from pipeline.memory.results import Neighbor, Prediction
 from pipeline.memory.state import FORGET, GAMMA, ITEMS, OVERLAYS, MemoryState
 
 log = logging.getLogger("vmem.memory")
+
+FULL_POLL_S = 1.0  # a follower polls every version at least this often, whatever the change token says
 
 
 @dataclass(frozen=True)
@@ -265,6 +270,9 @@ class Follower:
         self._base: Optional[BaseState] = None
         self._delta: Optional[DeltaFollower] = None
         self._reranker: Optional[Reranker] = None
+        # The change token read before the last full poll that found the snapshot current, and when.
+        self._token: Optional[bytes] = None
+        self._polled_at = float("-inf")
         self.current: Snapshot = self._build(version)
 
     def _versions(self) -> Dict[str, int]:
@@ -299,11 +307,21 @@ class Follower:
         return snap
 
     def refresh(self) -> Snapshot:
-        """The snapshot of the newest committed state (the current one when nothing changed)."""
+        """The snapshot of the newest committed state (the current one when nothing changed).
+
+        While the memory's change token (`pipeline.index.changes`) is the one read before the last full poll,
+        nothing was acknowledged since: the current snapshot is returned without polling. Otherwise, and at
+        least every `FULL_POLL_S` (a writer killed between its commit and its token), the versions of the
+        state tables and the manifest are polled."""
         snap = self.current
+        token = changes.read(self.memory_dir)
+        now = time.monotonic()
+        if token is not None and token == self._token and now - self._polled_at < FULL_POLL_S:
+            return snap
         versions = self._versions()
         manifest_moved = not self.pinned and self._base.store.current_version() != snap.version
         if versions == snap.versions and not manifest_moved:
+            self._token, self._polled_at = token, now
             return snap
         with self._lock:
             if self.current is not snap:  # another thread built a newer one meanwhile; is it new enough?
@@ -312,6 +330,7 @@ class Follower:
                         not self.pinned and self._base.store.current_version() != snap.version):
                     return snap
             self.current = self._build(None if not self.pinned else snap.version, None, snap)
+            self._token, self._polled_at = token, now
             return self.current
 
     def close(self) -> None:

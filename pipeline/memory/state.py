@@ -49,6 +49,7 @@ import pyarrow as pa
 from pipeline import storage
 from pipeline.data.items import ITEM_FIELDS, META_FIELDS, META_SCHEMA  # noqa: F401  (META_FIELDS: re-export)
 from pipeline.errors import UserError
+from pipeline.index import changes
 
 log = logging.getLogger("vmem.state")
 
@@ -146,9 +147,11 @@ _LOOKUP_MAX = 4096  # ids checked by indexed `IN` look-ups; more are checked by 
 
 @dataclass
 class Table:
-    """One Lance table of the state (created empty on first write)."""
+    """One Lance table of the state (created empty on first write). `on_commit` is called after every commit
+    that changes its rows (the memory's change token: `pipeline.index.changes`), never after upkeep."""
     url: str
     schema: pa.Schema
+    on_commit: Optional[Callable[[], None]] = None
 
     def __post_init__(self):
         # One open dataset per thread: `latest_version` on it is one cheap listing, and a Lance handle is not
@@ -192,7 +195,12 @@ class Table:
         """Append rows in one commit (appends never conflict with other writers); returns the new version.
         `history` (an edit's line, see `MemoryState.edits`) is committed with the rows, as the commit's
         transaction properties."""
-        return retry(self._append, table, history)
+        return self._changed(retry(self._append, table, history))
+
+    def _changed(self, result):
+        if self.on_commit is not None:
+            self.on_commit()
+        return result
 
     def _append(self, table: pa.Table, history: Optional[Dict[str, str]] = None) -> int:
         import lance
@@ -245,10 +253,10 @@ class Table:
             return t.num_rows
         ds = self.dataset()
         res = ds.merge_insert(on).when_not_matched_insert_all().execute(data)
-        return int(res["num_inserted_rows"])
+        return self._changed(int(res["num_inserted_rows"]))
 
     def overwrite(self, table: pa.Table) -> int:
-        return retry(self._overwrite, table)
+        return self._changed(retry(self._overwrite, table))
 
     def _overwrite(self, table: pa.Table) -> int:
         import lance
@@ -351,7 +359,7 @@ class Table:
     def delete(self, predicate: str) -> None:
         ds = self.dataset()
         if ds is not None:
-            retry(lambda: self.dataset().delete(predicate))
+            self._changed(retry(lambda: self.dataset().delete(predicate)))
 
     # ----- history committed with the rows (transaction properties) -----
     def history(self) -> List[tuple]:
@@ -445,7 +453,9 @@ class MemoryState:
     def __init__(self, memory_dir: str):
         self.memory_dir = str(memory_dir).rstrip("/")
         self.dir = storage.join(self.memory_dir, "state")
-        self.tables = {name: Table(storage.join(self.dir, f"{name}.lance"), schema) for name, schema in SCHEMAS.items()}
+        bump = lambda: changes.bump(self.memory_dir)  # noqa: E731
+        self.tables = {name: Table(storage.join(self.dir, f"{name}.lance"), schema, bump)
+                       for name, schema in SCHEMAS.items()}
         self._salt: Optional[bytes] = None
         # Per process, only the ids still waiting for erasure (int64, sorted): what searches exclude. Digests
         # of deleted items are looked up in the forget table's index, never held here.
