@@ -4,7 +4,8 @@ Both serve the same synthetic memory (clustered unit vectors; by default the dem
 IVF512,SQ8, nprobe 16, 2 shards) and get the same requests: `POST /v1/classify {"embedding": [...], "k": 10}`
 from C concurrent clients for T seconds. Printed per client count: QPS, p50, p99, and vmem/peer ratios; the two servers run at the same
 time and take turns in short slices, so that other load on the machine falls on both alike.
-Then the same load on `vmem serve` with edits mid-load: 10% of the items deleted, a compaction, HTTP adds,
+Each load runs with both client kinds (`--connections`): kept-alive connections, and a new TCP connection per
+request (`Connection: close`), as curl and scripts do. Then the same load on `vmem serve` with edits mid-load: 10% of the items deleted, a compaction, HTTP adds,
 and a second writer process adding items straight into the memory; it must end with 0 errors and every
 acknowledged add present (the script exits 1 otherwise). Finally `vmem serve` gets SIGTERM; the time it
 takes to exit is printed.
@@ -57,13 +58,15 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
     raise TimeoutError(f"{url} did not answer within {timeout} s")
 
 
-async def load(base: str, bodies: list, clients: int, seconds: float, during=None) -> dict:
-    """`clients` concurrent loops posting classify requests for `seconds`; `during(http)` runs alongside."""
+async def load(base: str, bodies: list, clients: int, seconds: float, during=None, fresh: bool = False) -> dict:
+    """`clients` concurrent loops posting classify requests for `seconds`; `during(http)` runs alongside.
+    `fresh`: every request on a new TCP connection (`Connection: close`, no keep-alive pool), as curl, shell
+    scripts and many HTTP libraries do; else kept-alive connections."""
     import httpx
 
     lat, errors = [], []
     stop = time.perf_counter() + seconds
-    headers = {"content-type": "application/json"}
+    headers = {"content-type": "application/json", **({"connection": "close"} if fresh else {})}
 
     async def client(c: int, http: "httpx.AsyncClient"):
         i = c
@@ -78,7 +81,8 @@ async def load(base: str, bodies: list, clients: int, seconds: float, during=Non
             lat.append(time.perf_counter() - t0)
             i += clients
 
-    async with httpx.AsyncClient(base_url=base, timeout=60, limits=httpx.Limits(max_connections=clients + 4)) as h:
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=0 if fresh else None)
+    async with httpx.AsyncClient(base_url=base, timeout=60, limits=limits) as h:
         t0 = time.perf_counter()
         tasks = [asyncio.create_task(client(c, h)) for c in range(clients)]
         extra = await during(h, stop) if during is not None else None
@@ -99,18 +103,20 @@ def merge(runs: list) -> dict:
             "error_examples": [e for r in runs for e in r["error_examples"]][:3]}
 
 
-def compare(peer: str, vmem: str, bodies: list, clients: list, seconds: float, rounds: int) -> dict:
+def compare(peer: str, vmem: str, bodies: list, clients: list, seconds: float, rounds: int,
+            kinds: list) -> dict:
     """Both servers under the same loads, alternating in `rounds` slices so that the machine's other load
-    falls on both alike; returns {clients: {"peer": result, "vmem": result}}."""
+    falls on both alike; returns {(connection kind, clients): {"peer": result, "vmem": result}}."""
     for base in (peer, vmem):
         asyncio.run(load(base, bodies, 2, min(3.0, seconds)))  # warm-up
     out = {}
-    for c in clients:
-        runs = {"peer": [], "vmem": []}
-        for _ in range(rounds):
-            for name, base in (("peer", peer), ("vmem", vmem)):
-                runs[name].append(asyncio.run(load(base, bodies, c, seconds / rounds)))
-        out[c] = {name: merge(r) for name, r in runs.items()}
+    for kind in kinds:
+        for c in clients:
+            runs = {"peer": [], "vmem": []}
+            for _ in range(rounds):
+                for name, base in (("peer", peer), ("vmem", vmem)):
+                    runs[name].append(asyncio.run(load(base, bodies, c, seconds / rounds, fresh=kind == "new")))
+            out[kind, c] = {name: merge(r) for name, r in runs.items()}
     return out
 
 
@@ -200,8 +206,14 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3, help="alternating slices per client count")
     ap.add_argument("--no-edits", action="store_true", help="skip the run with edits mid-load")
     ap.add_argument("--serve", nargs="*", default=[], help="extra key=value overrides for vmem serve")
+    ap.add_argument("--connections", default="keep-alive,new",
+                    help="client kinds: keep-alive (one pooled connection per client) and/or new (a new TCP "
+                         "connection per request)")
     args = ap.parse_args()
     clients = [int(c) for c in args.clients.split(",")]
+    kinds = [k for k in args.connections.split(",") if k]
+    if not set(kinds) <= {"keep-alive", "new"}:
+        ap.error(f"--connections takes keep-alive and/or new, got {args.connections}")
 
     from pipeline.memory.synthetic import build_synthetic_memory, make_clusters
     from pipeline.config import load_config
@@ -235,33 +247,35 @@ def main() -> int:
         try:
             wait_ready(f"{peer_base}/healthz", peer)
             wait_ready(f"{base}/healthz", srv)
-            both = compare(peer_base, base, bodies, clients, args.seconds, args.rounds)
+            both = compare(peer_base, base, bodies, clients, args.seconds, args.rounds, kinds)
             peer.terminate()
             if not args.no_edits:
                 during = edits_during(base, data, args.seconds, overrides, args.dim, tmp)
-                edits = asyncio.run(load(base, bodies, max(clients), args.seconds, during=during))
+                edits = asyncio.run(load(base, bodies, max(clients), args.seconds, during=during,
+                                         fresh=kinds[0] == "new"))
         finally:
             peer.terminate()
             peer.wait()
             stop_s = stop_server(srv)
-        peer_res = {c: both[c]["peer"] for c in clients}
-        vmem_res = {c: both[c]["vmem"] for c in clients}
+        peer_res = {kc: r["peer"] for kc, r in both.items()}
+        vmem_res = {kc: r["vmem"] for kc, r in both.items()}
 
     print(f"\nServe load: {args.items} x {args.dim} synthetic items, {args.shards} shards ({args.index}, nprobe "
           f"{args.nprobe}), k={args.k}, {args.seconds:.0f} s per run, /v1/classify with JSON embeddings, "
           f"{os.cpu_count()} CPUs; vmem serve {' '.join(args.serve) or '(defaults)'}")
-    print(f"{'clients':>8}{'server':>12}{'requests':>10}{'QPS':>9}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}")
-    for c in clients:
-        for name, r in (("peer", peer_res[c]), ("vmem serve", vmem_res[c])):
-            print(f"{c:>8}{name:>12}{r['requests']:>10}{r['qps']:>9.1f}{r['p50_ms']:>9.1f}{r['p99_ms']:>9.1f}"
-                  f"{r['errors']:>8}")
-        v, p = vmem_res[c], peer_res[c]
-        print(f"{c:>8}{'ratio':>12}{'':>10}{v['qps'] / p['qps']:>8.2f}x{v['p50_ms'] / p['p50_ms']:>8.2f}x"
+    print(f"{'connection':>11}{'clients':>8}{'server':>12}{'requests':>10}{'QPS':>9}{'p50 ms':>9}{'p99 ms':>9}"
+          f"{'errors':>8}")
+    for kind, c in both:
+        for name, r in (("peer", peer_res[kind, c]), ("vmem serve", vmem_res[kind, c])):
+            print(f"{kind:>11}{c:>8}{name:>12}{r['requests']:>10}{r['qps']:>9.1f}{r['p50_ms']:>9.1f}"
+                  f"{r['p99_ms']:>9.1f}{r['errors']:>8}")
+        v, p = vmem_res[kind, c], peer_res[kind, c]
+        print(f"{kind:>11}{c:>8}{'ratio':>12}{'':>10}{v['qps'] / p['qps']:>8.2f}x{v['p50_ms'] / p['p50_ms']:>8.2f}x"
               f"{v['p99_ms'] / p['p99_ms']:>8.2f}x")
     bad = sum(r["errors"] for r in list(peer_res.values()) + list(vmem_res.values()))
     if edits is not None:
         e = edits["during"]
-        print(f"{max(clients):>8}{'with edits':>12}{edits['requests']:>10}{edits['qps']:>9.1f}{edits['p50_ms']:>9.1f}"
+        print(f"{kinds[0]:>11}{max(clients):>8}{'with edits':>12}{edits['requests']:>10}{edits['qps']:>9.1f}{edits['p50_ms']:>9.1f}"
               f"{edits['p99_ms']:>9.1f}{edits['errors']:>8}")
         print(f"edits mid-load: {e}")
         bad += edits["errors"] + e["http_missing"] + e["writer2_missing"] + len(e.get("add_errors", [])) \
