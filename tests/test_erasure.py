@@ -425,6 +425,38 @@ def test_a_truncated_file_is_reported_and_does_not_block(tmp_path, bad):
     assert not hits, [str(h) for h in hits][:10]
 
 
+@pytest.mark.parametrize("bad", ["tar", "part"])
+def test_a_file_restored_from_an_old_backup_is_swept_for_every_erased_item(tmp_path, bad):
+    """The chaos run's case: a backup taken before an erasure is restored as the remedy for a truncated file.
+    It holds an item erased earlier (while the file was fine) as well as the one whose erasure it blocked: the
+    retry erases both there, and an independent scan finds neither anywhere."""
+    from pipeline.memory.memory import VisualMemory
+
+    root = str(tmp_path / "work")
+    data, tars, part_urls = _synthetic_workdir(root)
+    ov = [f"workdir={root}", "memory.grace_period_s=0"]
+    broken = tars[3] if bad == "tar" else part_urls[3]
+    with open(broken, "rb") as f:
+        backup = f.read()  # before any erasure
+    first, second = _pick(data, [3], per=2)
+    mem = VisualMemory.open(f"{root}/memory")
+    mem.delete(ids=[first])
+    assert mem.compact(grace_s=0)["erasure"]["verified"]  # erased from the file while it was fine
+    mem.delete(ids=[second])
+    mem.close()
+    _truncate(broken)
+    out = _vmem("compact", *ov)
+    assert out.returncode == 2 and f"erasure in doubt for {broken}" in out.stderr, out.stderr[-3000:]
+    with open(broken, "wb") as f:
+        f.write(backup)  # the remedy, from a backup older than the first erasure
+    out = _vmem("compact", *ov)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "back in 1 file(s) that returned from doubt" in out.stderr
+    dead = {i: data.keys[list(data.ids).index(i)] for i in (first, second)}
+    hits = scan_tree(root, Needles(dead)).hits
+    assert not hits, [str(h) for h in hits][:10]
+
+
 def test_one_backlog_drained_in_one_pass_and_no_empty_versions(tmp_path):
     """Compactions during the grace period append to one backlog; the first erasure after it drains every
     entry in one pass (one report). A compaction with nothing to fold or remove commits no version, and one

@@ -294,10 +294,27 @@ def _erase_locked(memory_dir: str, state: MemoryState, entries: List[dict], cfg,
     checked: Dict[str, bytes] = {}  # file -> bytes to verify (None: read it back)
     from pipeline.data.shards import tar_key
 
+    # A file that comes back from doubt (restored from a backup, say) may be older than erasures that ran
+    # while it was unreadable or before the backup was taken: it is swept for every erased item it holds, not
+    # only for the ids whose erasure it blocked (those erased items are verified gone from it below).
+    retried = {u for e in entries for kind in ("tars", "parts") for u in e.get("locations", {}).get(kind, {})}
+    swept: Dict[str, Dict[str, int]] = {}  # file -> {key (tars) or str(id) (parts): erased id} found by the sweep
+
+    def sweeper(url: str):
+        if url not in retried:
+            return None
+
+        def sweep(found: Dict[str, int]) -> Set[str]:
+            keys = list(found)
+            hit = state.is_forgotten([found[k] for k in keys], erased_only=True)
+            swept[url] = {k: found[k] for k, h in zip(keys, hit) if h}
+            return set(swept[url])
+        return sweep
+
     for url, keys in sorted(tars.items()):
         lease.check()
         try:
-            data, new = _rewrite_tar(url, set(keys), {tar_key(k) for k in keys})
+            data, new = _rewrite_tar(url, set(keys), {tar_key(k) for k in keys}, sweeper(url))
         except FileNotFoundError:
             continue  # removed (by its owner, or as the remedy for an unreadable file): nothing left to erase
         except Exception as e:  # noqa: BLE001 - a bad file is isolated: reported, the rest is erased
@@ -309,7 +326,7 @@ def _erase_locked(memory_dir: str, state: MemoryState, entries: List[dict], cfg,
     for url, pids in sorted(parts.items()):
         lease.check()
         try:
-            new = _rewrite_part(url, np.asarray(sorted(pids), np.int64))
+            new = _rewrite_part(url, np.asarray(sorted(pids), np.int64), sweeper(url))
         except FileNotFoundError:
             continue
         except Exception as e:  # noqa: BLE001
@@ -341,7 +358,14 @@ def _erase_locked(memory_dir: str, state: MemoryState, entries: List[dict], cfg,
         if not found:
             break
         log.info("erasure of v%s: traces left by concurrent writers (%s), erasing again", version, found)
-    files_found, files_checked = _verify_files(memory_dir, ids, tars, checked, blobs, in_doubt,
+    for url, back in swept.items():
+        if back and url.endswith(".tar"):
+            tars.setdefault(url, {}).update(back)
+    also = np.asarray(sorted({i for back in swept.values() for i in back.values()}), np.int64)
+    if len(also):
+        log.warning("erasure: %d erased item(s) were back in %d file(s) that returned from doubt (a restored "
+                    "backup older than their erasure): erased there again", len(also), sum(map(bool, swept.values())))
+    files_found, files_checked = _verify_files(memory_dir, np.union1d(ids, also), tars, checked, blobs, in_doubt,
                                                since=min(version, ManifestStore(memory_dir).current_version() or 0))
     found.update(files_found)
     doubt_ids = _ids_in(in_doubt, tars, parts)
@@ -385,9 +409,10 @@ def _ids_in(in_doubt: Dict[str, str], tars: Dict[str, Dict[str, int]], parts: Di
     return out
 
 
-def _rewrite_tar(url: str, keys: set, tar_keys: set) -> Tuple[bytes, bool]:
-    """Drop every member of the samples whose json key is in `keys` (or whose name is one of `tar_keys`).
-    Returns (the bytes now stored, whether it was rewritten)."""
+def _rewrite_tar(url: str, keys: set, tar_keys: set, sweep=None) -> Tuple[bytes, bool]:
+    """Drop every member of the samples whose json key is in `keys` (or whose name is one of `tar_keys`), and
+    those whose key `sweep({key: id of every sample})` returns. Returns (the bytes now stored, whether it was
+    rewritten)."""
     data = storage.read_bytes(url)
     members = []
     with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as tar:
@@ -398,6 +423,19 @@ def _rewrite_tar(url: str, keys: set, tar_keys: set) -> Tuple[bytes, bool]:
     # a truncated one would silently make its loss permanent: report it instead.
     if data[257:262] == b"ustar" and (len(data) - end < 1024 or data[end:].strip(b"\0")):  # uncompressed
         raise tarfile.ReadError(f"truncated: no end-of-archive marker after {len(members)} member(s)")
+    if sweep is not None:
+        from pipeline.data.ids import stable_id
+
+        held = {}
+        for m, body in members:
+            if m.name.endswith(".json") and body is not None:
+                try:
+                    k = json.loads(body).get("key")
+                except ValueError:
+                    continue
+                if isinstance(k, str):
+                    held[k] = stable_id(k)
+        keys = set(keys) | sweep(held)
     drop = set()
     for m, body in members:
         base, _, ext = m.name.rpartition(".")
@@ -420,12 +458,16 @@ def _rewrite_tar(url: str, keys: set, tar_keys: set) -> Tuple[bytes, bool]:
     return out.getvalue(), True
 
 
-def _rewrite_part(url: str, ids: np.ndarray) -> bool:
-    """Rewrite one embeddings part without the rows of `ids`; False when it holds none of them."""
+def _rewrite_part(url: str, ids: np.ndarray, sweep=None) -> bool:
+    """Rewrite one embeddings part without the rows of `ids` (and of the ids `sweep({str(id): id of every
+    row})` returns); False when it holds none of them."""
     t = pq.read_table(io.BytesIO(storage.read_bytes(url)))
     if "id" not in t.column_names:
         return False
-    hit = np.isin(t.column("id").to_numpy(), ids)
+    col = t.column("id").to_numpy()
+    if sweep is not None:
+        ids = np.union1d(ids, np.asarray([int(k) for k in sweep({str(int(i)): int(i) for i in col})], np.int64))
+    hit = np.isin(col, ids)
     if not hit.any():
         return False
     buf = io.BytesIO()

@@ -624,26 +624,29 @@ class MemoryState:
         self._sync_forget()
         return self._forget_ids
 
-    def is_forgotten(self, ids: Sequence[int]) -> np.ndarray:
-        """For each id: was it ever deleted (erased or not)? Exact: checked against the forget list's salted
-        digests, through the digest index for a few ids, by one streamed scan of the column for many."""
+    def is_forgotten(self, ids: Sequence[int], erased_only: bool = False) -> np.ndarray:
+        """For each id: was it ever deleted (erased or not; with `erased_only`, erased)? Exact: checked against
+        the forget list's salted digests, through the digest index for a few ids, by one streamed scan of the
+        column for many."""
         ids = [int(i) for i in ids]
         if not ids or not self[FORGET].exists():
             return np.zeros(len(ids), bool)
         digests = self.digest(ids)
+        erased = " AND erased = true" if erased_only else ""
         if len(ids) <= _LOOKUP_MAX:
             found = set()
             for i in range(0, len(digests), _IN_CHUNK):
-                f = "digest IN (" + ",".join(f"'{d}'" for d in digests[i:i + _IN_CHUNK]) + ")"
+                f = "digest IN (" + ",".join(f"'{d}'" for d in digests[i:i + _IN_CHUNK]) + ")" + erased
                 found.update(self[FORGET].read(["digest"], f).column("digest").to_pylist())
             return np.array([d in found for d in digests], dtype=bool)
         want = np.array(digests, dtype="S32")
-        return retry(self._scan_digests, want)
+        return retry(self._scan_digests, want, erased_only)
 
-    def _scan_digests(self, want: np.ndarray) -> np.ndarray:
+    def _scan_digests(self, want: np.ndarray, erased_only: bool = False) -> np.ndarray:
         hit = np.zeros(len(want), bool)
         ds = self[FORGET].dataset()
-        for batch in ds.to_batches(columns=["digest"], batch_size=1 << 20):
+        for batch in ds.to_batches(columns=["digest"], filter="erased = true" if erased_only else None,
+                                   batch_size=1 << 20):
             col = batch.column(0).drop_null().to_numpy(zero_copy_only=False).astype("S32")
             hit |= np.isin(want, col)
         return hit
