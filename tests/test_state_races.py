@@ -345,3 +345,32 @@ def test_unique_adds_history_and_upkeep_on_s3(s3_server):
         _add(state, 3)
     assert state.is_forgotten([2, 3, 4, 5]).tolist() == [False, True, True, False]
     assert sorted(state[ITEMS].read(["id"]).column("id").to_pylist()) == list(range(1, 25))
+
+
+def test_the_memory_keeps_its_tables_small_after_its_own_writes(tmp_path):
+    """Through the Python API alone (nobody calls `maintain`): single adds and deletes leave the item table a
+    bounded number of fragments (its one-fragment-per-edit appends are merged by the memory's own upkeep
+    thread), while a memory opened with `upkeep=False` keeps one fragment per add."""
+    from pipeline.memory import VisualMemory
+    from pipeline.memory.state import UPKEEP
+    from pipeline.memory.synthetic import build_synthetic_memory, make_clusters
+    from pipeline.memory.upkeep import EVERY
+
+    data = make_clusters(300, dim=8, seed=1, num_classes=3)
+    fragments = {}
+    for upkeep in (True, False):
+        mem_dir = str(tmp_path / f"m-{upkeep}")
+        build_synthetic_memory(mem_dir, data, num_shards=1, index_key="IVF2,Flat")
+        mem = VisualMemory.open(mem_dir, upkeep=upkeep)
+        built = len(mem.state[ITEMS].fragment_rows())
+        x = np.random.default_rng(2).normal(size=(160, 8)).astype(np.float32)
+        for i in range(160):
+            mem.add(embeddings=x[i:i + 1], labels=[1], keys=[f"api-{i}"])
+            if i % 4 == 3:
+                mem.delete(ids=[int(data.ids[i])])
+        mem.close()  # waits for an upkeep in progress
+        fragments[upkeep] = len(mem.state[ITEMS].fragment_rows()) - built
+        assert (mem._upkeep.runs >= 200 // EVERY - 1) if upkeep else mem._upkeep is None
+        assert len(VisualMemory.open(mem_dir).search(embeddings=x[:5], k=1).I) == 5
+    assert fragments[False] == 160
+    assert fragments[True] <= UPKEEP.small_max + EVERY, fragments

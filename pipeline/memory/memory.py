@@ -30,19 +30,24 @@ from pipeline.memory.rerankers import create_reranker
 from pipeline.memory.results import Prediction
 from pipeline.memory.snapshot import Follower, Snapshot
 from pipeline.memory.state import MemoryState, item_rows
+from pipeline.memory.upkeep import TableUpkeep
 
 log = logging.getLogger("vmem.memory")
 
 
 class VisualMemory:
     def __init__(self, memory_dir: str, version: Optional[int] = None, cfg: Optional[Config] = None,
-                 follow: Optional[bool] = None, use_ray: bool = False, router_factory=None):
+                 follow: Optional[bool] = None, use_ray: bool = False, router_factory=None,
+                 upkeep: bool = True):
         self.memory_dir = memory_dir
         # The config schema is the only source of defaults: without a config, the schema's own values.
         self.cfg = cfg if cfg is not None else Config(workdir=workdir_of(memory_dir))
         self.pinned = version is not None
         self.follow = (not self.pinned) if follow is None else follow
         self.state = MemoryState(memory_dir)
+        # The state tables' upkeep after this process's writes (off the writer's path); off for a server,
+        # whose background thread runs `maintain()` (tables and compaction) after every write anyway.
+        self._upkeep = TableUpkeep(self.state) if upkeep else None
         self._encoder = None
         name = self.cfg.memory.reranker
         self._follower = Follower(memory_dir, self.cfg, self.state, version, use_ray, router_factory,
@@ -51,13 +56,14 @@ class VisualMemory:
 
     @classmethod
     def open(cls, memory_dir: str, version: Optional[int] = None, cfg: Optional[Config] = None,
-             use_ray: bool = False, router_factory=None) -> "VisualMemory":
+             use_ray: bool = False, router_factory=None, upkeep: bool = True) -> "VisualMemory":
         """Open the memory at `memory_dir` (its newest version unless `version` pins a manifest).
 
         `use_ray=True` searches shards in Ray actors (one per shard); the default searches in-process;
-        `router_factory(manifest)` supplies another router (Serve deployments).
+        `router_factory(manifest)` supplies another router (Serve deployments). `upkeep` (default on): the
+        state tables are kept small after this process's writes by a background thread (`upkeep.py`).
         """
-        return cls(memory_dir, version, cfg, use_ray=use_ray, router_factory=router_factory)
+        return cls(memory_dir, version, cfg, use_ray=use_ray, router_factory=router_factory, upkeep=upkeep)
 
     # ----- following the committed state -----
     def snapshot(self) -> Snapshot:
@@ -175,7 +181,7 @@ class VisualMemory:
         if images is not None:  # after the add won: a racing add of the same key never overwrites the winner's
             for i, im in zip(ids, images):
                 storage.atomic_write_bytes(blob_url(self.memory_dir, i), _png_bytes(im))
-        return ids
+        return self._wrote(ids)
 
     def delete(self, ids: Optional[Iterable[int]] = None, label: Optional[int] = None,
                source: Optional[str] = None) -> int:
@@ -185,11 +191,11 @@ class VisualMemory:
         snap = self.snapshot()
         targets = deletes.select(snap, ids, label, source)
         what = "by id" if ids is not None else (f"label={label}" if label is not None else f"source={source}")
-        return deletes.forget(self.state, snap, targets, reason="delete", detail=what)
+        return self._wrote(deletes.forget(self.state, snap, targets, reason="delete", detail=what))
 
     def forget(self, ids: Sequence[int], reason: str = "delete", detail: str = "") -> int:
         """Put the live ones of `ids` on the forget list (one commit); returns how many."""
-        return deletes.forget(self.state, self.snapshot(), ids, reason=reason, detail=detail)
+        return self._wrote(deletes.forget(self.state, self.snapshot(), ids, reason=reason, detail=detail))
 
     def relabel(self, ids: Sequence[int], label: int, label_name: Optional[str] = None) -> int:
         """Give live items a new label (an overlay: the vote counts the new label); returns how many."""
@@ -200,11 +206,11 @@ class VisualMemory:
 
     def intervene(self, **kwargs) -> int:
         """Commit vote multipliers / relabels (see `interventions.intervene`); returns the overlay version."""
-        return interventions.intervene(self.state, self.snapshot(), **kwargs)
+        return self._wrote(interventions.intervene(self.state, self.snapshot(), **kwargs))
 
     def rollback(self, version: int) -> dict:
         """Undo the adds, relabels, interventions and prunes committed after edit `version`; deletes stay."""
-        return history.rollback(self.state, self.snapshot(), version)
+        return self._wrote(history.rollback(self.state, self.snapshot(), version))
 
     # ----- maintenance (never run inside an edit) -----
     def needs_compaction(self) -> Optional[str]:
@@ -236,7 +242,15 @@ class VisualMemory:
         """Self-query the memory and apply hard and/or soft pruning (see `pruning.prune`)."""
         return pruning.prune(self.state, self.snapshot(), **kwargs)
 
+    def _wrote(self, result):
+        """After a write committed: count it for the state-table upkeep; returns `result`."""
+        if self._upkeep is not None:
+            self._upkeep.wrote()
+        return result
+
     def close(self) -> None:
+        if self._upkeep is not None:
+            self._upkeep.close()
         self._follower.close()
 
 

@@ -160,7 +160,8 @@ def served_memory(cfg: Config, shards: Optional[List[DeploymentHandle]]):
         # on a busy machine cost more than a single query's search.
         return Router(cfg.memory_dir, use_ray=False, manifest=manifest, omp_threads=1, mmap=cfg.serve.mmap_shards)
 
-    return VisualMemory.open(cfg.memory_dir, cfg=cfg, router_factory=router)
+    # upkeep=False: the replica's `serve.upkeep` thread maintains the tables (and compacts) after every write.
+    return VisualMemory.open(cfg.memory_dir, cfg=cfg, router_factory=router, upkeep=False)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
