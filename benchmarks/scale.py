@@ -262,7 +262,20 @@ def _pct(ms: List[float]) -> dict:
     return {"p50_ms": round(float(np.percentile(ms, 50)), 3), "p99_ms": round(float(np.percentile(ms, 99)), 3)}
 
 
-def worker(step: str, workdir: str, n: int, dim: int) -> dict:
+def delete_rows(n: int, round_: int) -> np.ndarray:
+    """The rows round `round_` deletes: random rows (every part and every shard), none a previous round deleted
+    (those are erased: deleting them again would count as nothing), never row 0, whose id 2^61 is 7 zero bytes
+    and a 0x20 (any binary file holds that: erasure's raw-bytes check rightly calls it a trace; real ids are
+    63-bit hashes)."""
+    taken = np.zeros(0, np.int64)
+    for r in range(round_ + 1):
+        pool = np.setdiff1d(np.arange(1, n), taken, assume_unique=True)
+        rows = np.random.default_rng(7 + r).choice(pool, size=min(EDITS, len(pool)), replace=False)
+        taken = np.union1d(taken, rows)
+    return np.sort(rows)
+
+
+def worker(step: str, workdir: str, n: int, dim: int, round_: int = 0) -> dict:
     """One API step in this (fresh) process; returns its figures."""
     t_start = time.perf_counter()
     if step == "exact":
@@ -307,20 +320,17 @@ def worker(step: str, workdir: str, n: int, dim: int) -> dict:
         return {"query_p50_ms": single["p50_ms"], "query_p99_ms": single["p99_ms"],
                 "batch_qps": round(len(xq) / best, 1), "recall@10": round(float(recall_at(res.I, gt, 10)), 4),
                 "nprobe": mem.snapshot().base.manifest.nprobe}
-    if step == "add":
-        x, c = extra_vectors(n, dim, EDITS, seed=12345)
+    if step == "add":  # round r > 0 (`--redo`): new keys and vectors
+        x, c = extra_vectors(n, dim, EDITS, seed=12345 + round_)
         ms = []
         for i in range(EDITS):
             t = time.perf_counter()
-            mem.add(embeddings=x[i:i + 1], labels=[int(c[i] % 100)], keys=[f"scale-add/{i:06d}"])
+            mem.add(embeddings=x[i:i + 1], labels=[int(c[i] % 100)],
+                    keys=[f"scale-add{round_ or ''}/{i:06d}"])
             ms.append((time.perf_counter() - t) * 1000)
         return {f"add_{k}": v for k, v in _pct(ms).items()}
     if step == "delete":
-        # Random rows: every part and every shard (a regular stride of even rows gave even ids, all in shard
-        # 0); never row 0, whose id 2^61 is 7 zero bytes and a 0x20 (any binary file holds that: erasure's
-        # raw-bytes check rightly calls it a trace; real ids are 63-bit hashes).
-        rows = np.random.default_rng(7).choice(np.arange(1, n), size=min(EDITS, n - 1), replace=False)
-        ids = base_ids(0, n)[np.sort(rows)]
+        ids = base_ids(0, n)[delete_rows(n, round_)]
         ms = []
         for i in ids:
             t = time.perf_counter()
@@ -379,7 +389,7 @@ def run_step(step: str, workdir: str, n: int, args) -> dict:
         return {"wall_s": round(time.perf_counter() - t, 2), "status": "ok", "rss": {}, "tree_peak_rss": 0}
     if step in ("open", "exact", "query", "add", "delete"):
         r = run_measured([PY, os.path.abspath(__file__), "--worker", step, "--workdir", workdir,
-                          "--items", str(n), "--dim", str(args.dim)], timeout)
+                          "--items", str(n), "--dim", str(args.dim), "--round", str(args.round)], timeout)
         if r["status"] == "ok":
             r.update(json.loads(r["stdout"].strip().splitlines()[-1]))
         return r
@@ -604,6 +614,9 @@ def main() -> int:
     ap.add_argument("--shards", default="auto", help="index.num_shards (auto: 2 up to 2M items, then 1 per 1M)")
     ap.add_argument("--keep", action="store_true", help="keep each size's workdir (default: removed when done)")
     ap.add_argument("--report", action="store_true", help="only rewrite the CSV, plot and table from --results")
+    ap.add_argument("--redo", default="", help="comma-separated steps to run again on the kept workdir even if "
+                    "--results holds them (with --round: adds use new keys, deletes new rows)")
+    ap.add_argument("--round", type=int, default=0, help="edit round of add/delete (0: the first run's keys/rows)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the `finally`s that stop a running step
@@ -611,7 +624,7 @@ def main() -> int:
         from pipeline.runtime import setup_logging
 
         setup_logging("WARNING")
-        fig = worker(args.worker, args.workdir, int(args.items), args.dim)
+        fig = worker(args.worker, args.workdir, int(args.items), args.dim, args.round)
         print(json.dumps(fig))
         return 0
 
@@ -622,6 +635,7 @@ def main() -> int:
         return 0
     data.update({"dim": args.dim, "bytes_per_item": args.bytes_per_item, "machine": machine()})
     skip = {s for s in args.skip.split(",") if s}
+    redo = {s for s in args.redo.split(",") if s}
     for n in [parse_count(s) for s in args.items.split(",")]:
         name = size_name(n)
         wd = os.path.abspath(os.path.join(args.workdir, name))
@@ -631,7 +645,8 @@ def main() -> int:
             size = data["sizes"][name] = {"items": n, "steps": {}}
         size["shards"] = shards_for(n, args.shards)
         for step in STEPS:
-            if step in skip or (step in size["steps"] and size["steps"][step].get("status") == "ok"):
+            if step in skip or (step not in redo and step in size["steps"]
+                                and size["steps"][step].get("status") == "ok"):
                 continue
             print(f"[{name}] {step} ...", flush=True)
             r = run_step(step, wd, n, args)
@@ -640,6 +655,8 @@ def main() -> int:
             r["disk_bytes"] = du(wd)
             r["disk_bytes_per_item"] = round(r["disk_bytes"] / n, 1)
             r["finished_at"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+            if step in redo:
+                r["round"] = args.round
             size["steps"][step] = r
             data["updated"] = r["finished_at"][:10]
             save(args.results, data)

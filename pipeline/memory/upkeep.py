@@ -11,13 +11,26 @@ done here: it is heavier and has its own schedulers (the server's `serve.upkeep`
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
+import weakref
 from typing import Optional
 
 log = logging.getLogger("vmem.memory")
 
 EVERY = 16  # writes of this process between two upkeep checks (each check is a few version look-ups)
+
+# Upkeeps whose thread runs. A daemon thread still inside Lance's native code while the interpreter finalizes
+# aborts the process (SIGABRT, exit 134: seen in a script that made 1,000 adds and exited without `close()`),
+# so at exit every running upkeep is stopped and joined first. Weak: a memory nobody holds is not kept alive.
+_RUNNING: "weakref.WeakSet[TableUpkeep]" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all() -> None:
+    for upkeep in list(_RUNNING):
+        upkeep.close()
 
 
 class TableUpkeep:
@@ -42,6 +55,7 @@ class TableUpkeep:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="vmem-table-upkeep", daemon=True)
                 self._thread.start()
+                _RUNNING.add(self)
         self._wake.set()
 
     def _loop(self) -> None:
