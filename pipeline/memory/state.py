@@ -71,6 +71,7 @@ EDIT_SCHEMA = pa.schema([("at", pa.int64()), ("op", pa.string()), ("detail", pa.
 SCHEMAS = {ITEMS: ITEM_SCHEMA, FORGET: FORGET_SCHEMA, OVERLAYS: OVERLAY_SCHEMA, GAMMA: GAMMA_SCHEMA,
            EDITS: EDIT_SCHEMA}
 _IN_CHUNK = 2000  # ids per `id IN (...)` filter
+SETTLE_COMMITS = 10  # a racing add waits for its rivals up to this many of its own commit times (or wait_s)
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 
@@ -517,8 +518,13 @@ class MemoryState:
         table = table.set_column(table.schema.get_field_index("added_at"), "added_at",
                                  pa.array(np.full(len(ids), stamp, np.int64)))
         history = self._history(op, detail, stamp) if detail is not None else None
+        t = time.monotonic()
         version = self[ITEMS].append(table, history)
-        self._settle(ids, keys, stamp, wait_s, undo=history is not None)
+        # The racers' removals are commits as slow as ours: on a slow store (S3 under load: a commit of
+        # seconds) a fixed wait let the earliest add give up before the later ones had removed their rows,
+        # and then no add of the key won. So the wait scales with the commit this store just took.
+        self._settle(ids, keys, stamp, max(wait_s, SETTLE_COMMITS * (time.monotonic() - t)),
+                     undo=history is not None)
         return version
 
     @staticmethod
