@@ -145,13 +145,11 @@ class Router:
 
     def _gather(self, I: np.ndarray) -> Dict[str, np.ndarray]:
         """Metadata of the merged top-k, each id looked up once, in the shard that holds it."""
-        out = {name: np.full(I.shape, fill, dtype) for name, fill, dtype in META}
+        flat = I.reshape(-1)
+        out = {name: np.full(flat.shape, fill, dtype) for name, fill, dtype in META}
         for s in self.searchers:
-            held, got = s.metadata(I)
-            if held.any():
-                for name in out:
-                    out[name] = np.where(held, got[name], out[name])
-        return out
+            s.fill_metadata(flat, out)
+        return {name: a.reshape(I.shape) for name, a in out.items()}
 
     def _search_ray(self, xq, k, nprobe, exclude, rerank_k) -> List[Neighbors]:
         import ray
